@@ -1,0 +1,185 @@
+"""EmbeddingCache: image embeddings in Redis (shared by every worker) behind a small in-process LRU.
+
+Stored as fp16, byte-shuffled (high bytes together compress far better) and zstd-compressed,
+with the sizes needed to map coordinates. Never pickled: a cache entry is data we parse.
+A Redis outage is logged and counted, and the click goes on without the cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import struct
+import threading
+import time
+
+import numpy as np
+import redis
+import zstandard
+
+from backend.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"SAMEMB1\0"
+_HEADER = struct.Struct("<8sHHHIIII")  # magic, C, H, W, original h, w, input h, w
+_PREFIX = "sam-backend"
+
+
+class CorruptEmbedding(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    features: np.ndarray  # float32 (C, H, W), already rounded through fp16
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+    @classmethod
+    def quantized(cls, features: np.ndarray, original_size, input_size) -> "Embedding":
+        """Round through fp16 now, so a fresh embedding and a cached one give the very same masks."""
+        return cls(features.astype(np.float16).astype(np.float32), tuple(original_size), tuple(input_size))
+
+
+def serialize(embedding: Embedding, level: int = 1) -> bytes:
+    c, h, w = embedding.features.shape
+    half = np.ascontiguousarray(embedding.features, dtype=np.float16)
+    shuffled = half.view(np.uint8).reshape(-1, 2).T.tobytes()
+    header = _HEADER.pack(_MAGIC, c, h, w, *embedding.original_size, *embedding.input_size)
+    return header + zstandard.ZstdCompressor(level=level).compress(shuffled)
+
+
+def deserialize(blob: bytes) -> Embedding:
+    try:
+        magic, c, h, w, oh, ow, ih, iw = _HEADER.unpack_from(blob)
+    except struct.error as exc:
+        raise CorruptEmbedding(f"short header: {exc}") from exc
+    if magic != _MAGIC:
+        raise CorruptEmbedding("not a sam-backend embedding")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob[_HEADER.size :], max_output_size=c * h * w * 2)
+    except zstandard.ZstdError as exc:
+        raise CorruptEmbedding(f"cannot decompress: {exc}") from exc
+    if len(raw) != c * h * w * 2:
+        raise CorruptEmbedding(f"expected {c * h * w * 2} bytes, got {len(raw)}")
+    half = np.frombuffer(raw, dtype=np.uint8).reshape(2, -1).T.copy().view(np.float16)
+    return Embedding(half.reshape(c, h, w).astype(np.float32), (oh, ow), (ih, iw))
+
+
+def content_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class EmbeddingCache:
+    def __init__(
+        self,
+        client: redis.Redis | None,
+        metrics: Metrics,
+        ttl: int = 7 * 24 * 3600,
+        lru_size: int = 8,
+        url_digest_ttl: int = 600,
+        retry_after: float = 5.0,
+    ):
+        self.client = client
+        self.metrics = metrics
+        self.ttl = ttl or None
+        self.url_digest_ttl = url_digest_ttl
+        self._lru: collections.OrderedDict[str, Embedding] = collections.OrderedDict()
+        self._lru_size = lru_size
+        self._lock = threading.Lock()
+        self._urls: dict[str, tuple[str, float]] = {}
+        # after a Redis failure, skip it for a few seconds: every click would otherwise wait for a timeout
+        self._retry_after = retry_after
+        self._down_until = 0.0
+
+    @staticmethod
+    def key(model_id: str, digest: str) -> str:
+        return f"{_PREFIX}:emb:{model_id}:{digest}"
+
+    def get(self, key: str) -> Embedding | None:
+        with self._lock:
+            found = self._lru.get(key)
+            if found is not None:
+                self._lru.move_to_end(key)
+        if found is not None:
+            self.metrics.cache.labels("hit_local").inc()
+            return found
+        blob = self._redis("GET", lambda c: c.get(key))
+        if blob is None:
+            self.metrics.cache.labels("miss").inc()
+            return None
+        try:
+            embedding = deserialize(blob)
+        except CorruptEmbedding as exc:
+            log.warning("dropping corrupt cache entry %s: %s", key, exc)
+            self.metrics.cache.labels("corrupt").inc()
+            self._redis("DEL", lambda c: c.delete(key))
+            return None
+        self.metrics.cache.labels("hit_redis").inc()
+        self._remember(key, embedding)
+        return embedding
+
+    def put(self, key: str, embedding: Embedding) -> None:
+        self._remember(key, embedding)
+        blob = serialize(embedding)
+        self.metrics.cache_bytes.observe(len(blob))
+        self._redis("SET", lambda c: c.set(key, blob, ex=self.ttl))
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            if key in self._lru:
+                return True
+        return bool(self._redis("EXISTS", lambda c: c.exists(key)))
+
+    def url_digest(self, url: str) -> str | None:
+        """The content digest last seen for an image URL, so a warm click needs no download."""
+        if not self.url_digest_ttl:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            local = self._urls.get(url)
+        if local is not None and local[1] > now:
+            return local[0]
+        found = self._redis("GET", lambda c: c.get(self._url_key(url)))
+        if found is None:
+            return None
+        digest = found.decode()
+        with self._lock:
+            self._urls[url] = (digest, now + self.url_digest_ttl)
+        return digest
+
+    def remember_url(self, url: str, digest: str) -> None:
+        if not self.url_digest_ttl:
+            return
+        with self._lock:
+            if len(self._urls) > 10_000:
+                self._urls.clear()
+            self._urls[url] = (digest, time.monotonic() + self.url_digest_ttl)
+        self._redis("SET", lambda c: c.set(self._url_key(url), digest, ex=self.url_digest_ttl))
+
+    @staticmethod
+    def _url_key(url: str) -> str:
+        return f"{_PREFIX}:url:{hashlib.sha256(url.encode()).hexdigest()}"
+
+    def _remember(self, key: str, embedding: Embedding) -> None:
+        if self._lru_size <= 0:
+            return
+        with self._lock:
+            self._lru[key] = embedding
+            self._lru.move_to_end(key)
+            while len(self._lru) > self._lru_size:
+                self._lru.popitem(last=False)
+
+    def _redis(self, what: str, call):
+        if self.client is None or time.monotonic() < self._down_until:
+            return None
+        try:
+            return call(self.client)
+        except redis.RedisError as exc:
+            self._down_until = time.monotonic() + self._retry_after
+            self.metrics.redis_errors.inc()
+            log.warning("Redis %s failed (%s); going on without the shared cache for %.0f s", what, exc, self._retry_after)
+            return None

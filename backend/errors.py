@@ -1,0 +1,55 @@
+"""Typed errors. Each carries its HTTP status; app.py is the one place that maps them."""
+
+
+class BackendError(Exception):
+    """Base class: a problem with a message that is safe to show to the caller."""
+
+    status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(BackendError):
+    """The request body is malformed: missing fields, bad coordinates, unknown region types."""
+
+    status = 400
+
+
+class Unauthorized(BackendError):
+    status = 401
+
+
+class HostNotAllowed(BackendError):
+    """An image URL points at a host the backend is not allowed to download from."""
+
+    status = 403
+
+
+class ImageTooLarge(BackendError):
+    status = 413
+
+
+class UnservableConfig(BackendError):
+    """The project's label config lacks something the backend needs (image, output tag, label)."""
+
+    status = 422
+
+
+class UnsupportedInput(BackendError):
+    """Well-formed input the backend cannot handle, e.g. a rotated image or an undecodable file."""
+
+    status = 422
+
+
+class ImageUnavailable(BackendError):
+    """The image could not be downloaded (upstream error, timeout, refused credentials)."""
+
+    status = 502
+
+
+class ModelUnavailable(BackendError):
+    """The SAM checkpoint is missing or broken; the message says where to put it."""
+
+    status = 503

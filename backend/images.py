@@ -1,0 +1,208 @@
+"""Fetch image bytes (Label Studio token, host allowlist, size limits, timeouts) and decode them."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import threading
+import time
+from urllib.parse import urljoin, urlsplit
+
+import numpy as np
+import requests
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from backend.errors import HostNotAllowed, ImageTooLarge, ImageUnavailable, InvalidRequest, UnsupportedInput
+from backend.settings import Settings
+from model.prompts import preprocess_shape
+from model.sam import IMAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clear error
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _looks_like_jwt(token: str) -> bool:
+    return token.count(".") == 2 and token.startswith("eyJ")
+
+
+def _jwt_expiry(token: str) -> float:
+    """Expiry claim of a JWT we received from Label Studio (not verified: we only schedule a refresh)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, KeyError, TypeError, ValueError):
+        return time.time() + 240
+
+
+class LabelStudioAuth:
+    """Authorization headers for Label Studio: legacy tokens as `Token`, personal access tokens
+    exchanged at /api/token/refresh/ for a short-lived access token sent as `Bearer`."""
+
+    def __init__(self, base_url: str | None, api_key: str | None, session: requests.Session, timeout: float):
+        self.base_url = base_url
+        self.api_key = api_key
+        self._session = session
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._access: tuple[str, float] | None = None
+
+    def header(self, force_refresh: bool = False) -> dict[str, str]:
+        if not self.api_key:
+            return {}
+        if not _looks_like_jwt(self.api_key):
+            return {"Authorization": f"Token {self.api_key}"}
+        with self._lock:
+            if force_refresh or self._access is None or self._access[1] - 30 < time.time():
+                self._access = self._refresh()
+            return {"Authorization": f"Bearer {self._access[0]}"}
+
+    def _refresh(self) -> tuple[str, float]:
+        url = urljoin(self.base_url + "/", "api/token/refresh/")
+        try:
+            response = self._session.post(url, json={"refresh": self.api_key}, timeout=self._timeout)
+        except requests.RequestException as exc:
+            raise ImageUnavailable(f"cannot reach Label Studio at {self.base_url} to refresh the access token: {exc}")
+        if response.status_code != 200:
+            raise ImageUnavailable(
+                f"Label Studio refused the personal access token in LABEL_STUDIO_API_KEY "
+                f"(HTTP {response.status_code} from /api/token/refresh/): create a new one in Account & Settings"
+            )
+        access = response.json().get("access")
+        if not isinstance(access, str):
+            raise ImageUnavailable("Label Studio's /api/token/refresh/ answered without an access token")
+        return access, _jwt_expiry(access)
+
+
+class ImageFetcher:
+    def __init__(self, settings: Settings, session: requests.Session | None = None):
+        self.settings = settings
+        self._session = session or requests.Session()
+        self._configured = LabelStudioAuth(
+            settings.label_studio_url, settings.label_studio_api_key, self._session, settings.image_timeout
+        )
+        self._from_setup: LabelStudioAuth | None = None
+
+    def remember_setup(self, hostname: str | None, access_token: str | None) -> None:
+        """Label Studio's /setup tells us its address and a token: the fallback when none is configured."""
+        if hostname and urlsplit(hostname).scheme in ("http", "https"):
+            self._from_setup = LabelStudioAuth(
+                hostname.rstrip("/"), access_token, self._session, self.settings.image_timeout
+            )
+
+    def has_label_studio(self) -> bool:
+        return bool(self.settings.label_studio_url) or self._from_setup is not None
+
+    def _label_studio(self) -> LabelStudioAuth | None:
+        if self.settings.label_studio_url:
+            if self._configured.api_key or self._from_setup is None:
+                return self._configured
+            if _origin(self._from_setup.base_url) == _origin(self.settings.label_studio_url):
+                return self._from_setup  # same server, token only from /setup
+            return self._configured
+        return self._from_setup
+
+    def resolve(self, url: str) -> tuple[str, LabelStudioAuth | None]:
+        """Absolute URL to download and the Label Studio auth to send with it (None: send no credentials)."""
+        ls = self._label_studio()
+        if url.startswith("/"):
+            if ls is None:
+                raise InvalidRequest(
+                    f"image URL {url} is relative to Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
+                )
+            url = ls.base_url + url
+        scheme, host, _ = _origin(url)
+        if scheme not in ("http", "https"):
+            raise UnsupportedInput(
+                f"image URL scheme {scheme or url[:16]!r} is not supported: serve images over http(s) "
+                "or through Label Studio (cloud storage with presigned URLs, local files, uploads)"
+            )
+        same_as_ls = ls is not None and _origin(url) == _origin(ls.base_url)
+        allowed = self.settings.allowed_image_hosts
+        if not (same_as_ls or "*" in allowed or host in allowed):
+            raise HostNotAllowed(
+                f"downloading images from {host} is not allowed; add it to ALLOWED_IMAGE_HOSTS "
+                f"(allowed now: {', '.join(allowed) or 'the Label Studio host only'})"
+            )
+        # credentials go only to Label Studio itself, never to third-party hosts
+        return url, (ls if same_as_ls else None)
+
+    def fetch(self, url: str) -> bytes:
+        absolute, auth = self.resolve(url)
+        response = self._get(absolute, auth, force_refresh=False)
+        if response.status_code == 401 and auth is not None and auth.api_key and _looks_like_jwt(auth.api_key):
+            response.close()
+            response = self._get(absolute, auth, force_refresh=True)
+        with response:
+            if response.status_code in (401, 403):
+                raise ImageUnavailable(
+                    f"Label Studio answered {response.status_code} for {url}: set LABEL_STUDIO_API_KEY to a "
+                    "valid legacy token or personal access token of a user who can see this project"
+                )
+            if response.status_code != 200:
+                raise ImageUnavailable(f"downloading {url} failed with HTTP {response.status_code}")
+            limit = self.settings.max_image_bytes
+            declared = int(response.headers.get("Content-Length") or 0)
+            if declared > limit:
+                raise ImageTooLarge(f"image {url} is {declared} bytes; MAX_IMAGE_BYTES is {limit}")
+            chunks, size = [], 0
+            try:
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise ImageTooLarge(f"image {url} is larger than MAX_IMAGE_BYTES={limit}")
+                    chunks.append(chunk)
+            except requests.RequestException as exc:
+                raise ImageUnavailable(f"downloading {url} was interrupted: {exc}") from exc
+            return b"".join(chunks)
+
+    def _get(self, url: str, auth: LabelStudioAuth | None, force_refresh: bool) -> requests.Response:
+        headers = auth.header(force_refresh) if auth is not None else {}
+        try:
+            return self._session.get(url, headers=headers, stream=True, timeout=self.settings.image_timeout)
+        except requests.Timeout as exc:
+            raise ImageUnavailable(f"downloading {url} timed out after {self.settings.image_timeout} s") from exc
+        except requests.RequestException as exc:
+            raise ImageUnavailable(f"cannot download {url}: {exc.__class__.__name__}") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    original_size: tuple[int, int]  # (height, width) as Label Studio shows it
+    input_image: np.ndarray  # RGB uint8, long side IMAGE_SIZE
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.input_image.shape[:2]
+
+
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Decode, apply EXIF orientation (browsers do, so Label Studio's percentages assume it), resize for SAM."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; MAX_IMAGE_PIXELS is {max_pixels}")
+        orientation = image.getexif().get(0x0112, 1)
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        target_h, target_w = preprocess_shape(height, width, IMAGE_SIZE)
+        # JPEG can decode at 1/2, 1/4, 1/8 scale directly: a 20 MP photo then costs a fraction
+        draft_size = (target_h, target_w) if orientation in (5, 6, 7, 8) else (target_w, target_h)
+        image.draft("RGB", draft_size)
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        if image.size != (target_w, target_h):
+            image = image.resize((target_w, target_h), Image.BILINEAR)
+        return DecodedImage((height, width), np.asarray(image))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnsupportedInput(f"cannot decode the image: {exc}") from exc

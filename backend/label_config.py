@@ -1,0 +1,86 @@
+"""What the backend reads and writes in a project: the image field, prompt tags, output tags, labels."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.errors import UnservableConfig
+
+PROMPT_TAGS = {"KeyPointLabels": "keypointlabels", "RectangleLabels": "rectanglelabels"}
+OUTPUT_TAGS = {"BrushLabels": "brush", "PolygonLabels": "polygon"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputTag:
+    name: str  # from_name
+    kind: str  # "brush" | "polygon"
+    labels: tuple[str, ...]
+
+    @property
+    def region_type(self) -> str:
+        return "brushlabels" if self.kind == "brush" else "polygonlabels"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectConfig:
+    image_name: str  # to_name
+    image_field: str  # key in task["data"]
+    prompt_tags: tuple[str, ...]
+    outputs: tuple[OutputTag, ...]
+    all_labels: tuple[str, ...]
+
+    def outputs_for(self, label: str, output_type: str) -> list[OutputTag]:
+        """The output tags a region of `label` is written to, honouring OUTPUT_TYPE when both kinds exist."""
+        kinds = {o.kind for o in self.outputs}
+        wanted = kinds if output_type == "both" or output_type not in kinds else {output_type}
+        chosen = [o for o in self.outputs if o.kind in wanted and label in o.labels]
+        if not chosen:
+            names = ", ".join(f"{o.name} ({', '.join(o.labels)})" for o in self.outputs if o.kind in wanted)
+            raise UnservableConfig(
+                f"label {label!r} is not in any output tag ({names}); add <Label value={label!r}/> to it"
+            )
+        return chosen
+
+    def default_label(self) -> str:
+        return self.outputs[0].labels[0]
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_config(config: str) -> ProjectConfig:
+    """Parse and check a label config; UnservableConfig names what is missing. Cached: every /predict carries it."""
+    if not config or not config.strip():
+        raise UnservableConfig("the project has no label config")
+    try:
+        interface = LabelInterface(config)
+    except Exception as exc:  # the SDK raises lxml, pydantic and its own errors for bad XML
+        raise UnservableConfig(f"cannot parse the label config: {exc}") from exc
+
+    images = [o for o in interface.objects if o.tag == "Image"]
+    if not images:
+        raise UnservableConfig("the label config has no <Image> tag: SAM needs an image to segment")
+    image = images[0]
+    if not str(image.value).startswith("$"):
+        raise UnservableConfig(f"<Image name={image.name!r}> must take its value from task data, like value=\"$image\"")
+
+    def targets_image(control) -> bool:
+        return image.name in (control.to_name or [])
+
+    prompts = tuple(c.name for c in interface.controls if c.tag in PROMPT_TAGS and targets_image(c))
+    outputs = tuple(
+        OutputTag(c.name, OUTPUT_TAGS[c.tag], tuple(c.labels or ()))
+        for c in interface.controls
+        if c.tag in OUTPUT_TAGS and targets_image(c)
+    )
+    if not outputs:
+        raise UnservableConfig(
+            f"the label config has no <BrushLabels> or <PolygonLabels> tag with toName={image.name!r}: "
+            "add one so the backend has somewhere to put the mask"
+        )
+    empty = [o.name for o in outputs if not o.labels]
+    if empty:
+        raise UnservableConfig(f"output tag(s) {', '.join(empty)} have no <Label> children")
+    labels = tuple(dict.fromkeys(label for o in outputs for label in o.labels))
+    return ProjectConfig(image.name, str(image.value)[1:], prompts, outputs, labels)

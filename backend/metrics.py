@@ -1,0 +1,33 @@
+"""Prometheus metrics, one registry per app (so tests can run several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+_FAST = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Histogram(
+            "sam_request_seconds", "HTTP request latency by route and status", ["route", "status"], registry=r, buckets=_FAST
+        )
+        self.cache = Counter("sam_embedding_cache", "Embedding cache lookups by result", ["result"], registry=r)
+        self.cache_bytes = Histogram(
+            "sam_embedding_cache_entry_bytes", "Size of a stored embedding", registry=r,
+            buckets=(2.5e5, 5e5, 7.5e5, 1e6, 1.2e6, 1.5e6, 2e6, 4e6),
+        )
+        self.redis_errors = Counter("sam_redis_errors", "Redis calls that failed (clicks went on uncached)", registry=r)
+        self.encoder = Histogram("sam_encoder_seconds", "SAM image encoder time", registry=r, buckets=_FAST)
+        self.decoder = Histogram("sam_decoder_seconds", "SAM mask decoder time", registry=r, buckets=_FAST)
+        self.output = Histogram(
+            "sam_output_seconds", "Mask to Label Studio region time by kind", ["kind"], registry=r, buckets=_FAST
+        )
+        self.image_fetch = Histogram("sam_image_fetch_seconds", "Image download time", registry=r, buckets=_FAST)
+        self.webhooks = Counter("sam_webhooks", "Webhooks received by action", ["action"], registry=r)
+        self.warm_jobs = Counter("sam_warm_jobs", "Background embedding warm-ups by result", ["result"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

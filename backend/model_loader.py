@@ -1,0 +1,79 @@
+"""Resolve the checkpoint at start (cheap), load SAM once per process (in the background), report errors clearly.
+
+/setup is called on every Label Studio page view and must answer `model_version` without loading
+a model, so the version comes from the checkpoint's digest and shapes, read without loading weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from backend.errors import ModelUnavailable
+from backend.settings import Settings
+from model.checkpoints import CheckpointError, checkpoint_digest, resolve_checkpoint
+from model.sam import SamModel, infer_architecture, model_id, read_state_dict
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoader:
+    def __init__(self, settings: Settings, download: bool = True):
+        self.settings = settings
+        self._model: SamModel | None = None
+        self._lock = threading.Lock()
+        self._error: str | None = None
+        self.model_version = f"sam-{settings.sam_model_type}-unavailable"
+        self.model_id = ""
+        try:
+            self.path = resolve_checkpoint(
+                settings.sam_model_type, settings.sam_checkpoint, settings.model_dir, download=download
+            )
+            digest = checkpoint_digest(self.path, settings.model_dir)
+            arch = infer_architecture(read_state_dict(self.path))
+        except CheckpointError as exc:
+            self._error = str(exc)
+            log.error("SAM checkpoint unavailable: %s", exc)
+            return
+        self.digest = digest
+        self.model_id = model_id(arch.name, digest)
+        self.model_version = f"sam-{self.model_id}"
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def get(self) -> SamModel:
+        if self._model is not None:
+            return self._model
+        with self._lock:
+            if self._model is None:
+                if self._error is not None:
+                    raise ModelUnavailable(self._error)
+                try:
+                    self._model = SamModel.load(
+                        self.path,
+                        self.digest,
+                        self.settings.device,
+                        onnx_dir=self.settings.model_dir / "onnx",
+                        threads=self.settings.torch_threads,
+                    )
+                except CheckpointError as exc:
+                    self._error = str(exc)
+                    raise ModelUnavailable(self._error) from exc
+        return self._model
+
+    def preload(self) -> None:
+        """Load in a background thread so the first click after a worker start does not pay for it."""
+
+        def run():
+            try:
+                self.get()
+            except ModelUnavailable as exc:
+                log.error("SAM could not be loaded: %s", exc)
+
+        threading.Thread(target=run, name="sam-preload", daemon=True).start()

@@ -1,0 +1,209 @@
+"""The click path, top to bottom: request -> image -> embedding (cache) -> decoder -> mask -> regions."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+
+from backend.embeddings import Embedding, EmbeddingCache, content_digest
+from backend.errors import BackendError
+from backend.images import ImageFetcher, decode_image
+from backend.label_config import ProjectConfig, parse_label_config
+from backend.metrics import Metrics
+from backend.model_loader import ModelLoader
+from backend.protocol import PredictRequest, parse_click, task_image_url
+from backend.results import brush_region, polygon_regions
+from backend.settings import Settings
+from model.masks import logits_at_input
+from model.prompts import to_model
+
+log = logging.getLogger(__name__)
+
+
+class Timings:
+    """Stage durations of one request, reported in a Server-Timing header (the bench reads it)."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = collections.defaultdict(float)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] += seconds
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in self.stages.items())
+
+
+class Embedder:
+    """Embedding for an image URL: from the cache, or downloaded and encoded once (per process, per image)."""
+
+    def __init__(self, settings: Settings, loader: ModelLoader, cache: EmbeddingCache, fetcher: ImageFetcher, metrics: Metrics):
+        self.settings = settings
+        self.loader = loader
+        self.cache = cache
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self._locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+
+    def for_url(self, url: str, timings: Timings | None = None) -> Embedding:
+        timings = timings or Timings()
+        model_id = self.loader.model_id
+        digest = self.cache.url_digest(url)
+        if digest is not None:
+            found = self.cache.get(self.cache.key(model_id, digest))
+            if found is not None:
+                return found
+        start = time.perf_counter()
+        data = self.fetcher.fetch(url)
+        timings.add("fetch", time.perf_counter() - start)
+        self.metrics.image_fetch.observe(time.perf_counter() - start)
+        digest = content_digest(data)
+        self.cache.remember_url(url, digest)
+        return self.for_bytes(data, digest, timings)
+
+    def for_bytes(self, data: bytes, digest: str, timings: Timings) -> Embedding:
+        key = self.cache.key(self.loader.model_id, digest)
+        found = self.cache.get(key)
+        if found is not None:
+            return found
+        with self._lock_for(key):  # two clicks on a new image must not encode it twice
+            found = self.cache.get(key)
+            if found is not None:
+                return found
+            model = self.loader.get()
+            start = time.perf_counter()
+            image = decode_image(data, self.settings.max_image_pixels)
+            timings.add("decode_image", time.perf_counter() - start)
+            start = time.perf_counter()
+            features = model.encode(image.input_image)
+            elapsed = time.perf_counter() - start
+            timings.add("encode", elapsed)
+            self.metrics.encoder.observe(elapsed)
+            embedding = Embedding.quantized(features, image.original_size, image.input_size)
+            self.cache.put(key, embedding)
+        with self._locks_guard:
+            self._locks.pop(key, None)
+        return embedding
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[key]
+
+
+class Warmer:
+    """Embeds images in the background so the annotator's first click finds them cached.
+
+    One thread and a bounded queue: encoding is slow and must not starve clicks of CPU.
+    """
+
+    def __init__(self, embedder: Embedder, metrics: Metrics, max_pending: int = 1000):
+        self.embedder = embedder
+        self.metrics = metrics
+        self._queue: queue.Queue[str] = queue.Queue(maxsize=max_pending)
+        self._pending: set[str] = set()
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, urls: list[str]) -> int:
+        added = 0
+        with self._guard:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sam-warmer", daemon=True)
+                self._thread.start()
+            for url in urls:
+                if url in self._pending:
+                    continue
+                try:
+                    self._queue.put_nowait(url)
+                except queue.Full:
+                    self.metrics.warm_jobs.labels("dropped").inc()
+                    break
+                self._pending.add(url)
+                added += 1
+        return added
+
+    def join(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._guard:
+                if not self._pending:
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def _run(self) -> None:
+        while True:
+            url = self._queue.get()
+            try:
+                self.embedder.for_url(url)
+                self.metrics.warm_jobs.labels("done").inc()
+            except BackendError as exc:
+                self.metrics.warm_jobs.labels("failed").inc()
+                log.warning("warming %s failed: %s", url, exc.message)
+            finally:
+                with self._guard:
+                    self._pending.discard(url)
+
+
+class Predictor:
+    def __init__(self, settings: Settings, loader: ModelLoader, embedder: Embedder, warmer: Warmer, metrics: Metrics):
+        self.settings = settings
+        self.loader = loader
+        self.embedder = embedder
+        self.warmer = warmer
+        self.metrics = metrics
+
+    def predict(self, request: PredictRequest, timings: Timings) -> dict:
+        config = parse_label_config(request.label_config)
+        if request.context is None:
+            return self._batch(request, config)
+        return {"results": [self._click(request.tasks[0], request.context, config, timings)]}
+
+    def _batch(self, request: PredictRequest, config: ProjectConfig) -> dict:
+        """One entry per task, in task order (Label Studio drops the whole answer otherwise)."""
+        if self.settings.warm_on_batch_predict:
+            urls = []
+            for task in request.tasks:
+                try:
+                    urls.append(task_image_url(task, config))
+                except BackendError as exc:
+                    log.warning("not warming task %s: %s", task.get("id"), exc.message)
+            self.warmer.submit(urls)
+        empty = {"result": [], "score": 0.0, "model_version": self.loader.model_version}
+        return {"results": [dict(empty) for _ in request.tasks]}
+
+    def _click(self, task: dict, context: list, config: ProjectConfig, timings: Timings) -> dict:
+        click = parse_click(context, config)
+        label = click.label or config.default_label()
+        outputs = config.outputs_for(label, self.settings.output_type)
+        url = task_image_url(task, config)
+
+        embedding = self.embedder.for_url(url, timings)
+        model = self.loader.get()
+        start = time.perf_counter()
+        low_res, score = model.decode(embedding.features, to_model(click.prompt, embedding.input_size))
+        score = min(max(score, 0.0), 1.0)  # SAM's IoU estimate can leave [0, 1]; Label Studio wants it inside
+        logits = logits_at_input(low_res, embedding.input_size)
+        elapsed = time.perf_counter() - start
+        timings.add("decode", elapsed)
+        self.metrics.decoder.observe(elapsed)
+
+        regions = []
+        for tag in outputs:
+            start = time.perf_counter()
+            if tag.kind == "brush":
+                regions.append(brush_region(tag, config.image_name, label, logits, embedding.original_size, score))
+            else:
+                regions.extend(
+                    polygon_regions(
+                        tag, config.image_name, label, logits, embedding.original_size, score,
+                        self.settings.polygon_tolerance, self.settings.polygon_min_area,
+                    )
+                )
+            elapsed = time.perf_counter() - start
+            timings.add(tag.kind, elapsed)
+            self.metrics.output.labels(tag.kind).observe(elapsed)
+        return {"result": regions, "score": score, "model_version": self.loader.model_version}

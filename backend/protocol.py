@@ -1,0 +1,114 @@
+"""Parse Label Studio request bodies into typed objects; every malformed field is an InvalidRequest."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from backend.errors import InvalidRequest, UnsupportedInput
+from backend.label_config import PROMPT_TAGS, ProjectConfig
+from model.prompts import Prompt
+
+_EPS = 1e-6  # Label Studio rounds percentages; allow a hair past the border
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictRequest:
+    tasks: list[dict]
+    label_config: str
+    project: str | None
+    context: list[dict] | None  # the smart regions, None for batch predictions
+
+
+@dataclasses.dataclass(frozen=True)
+class ClickPrompt:
+    prompt: Prompt
+    label: str | None
+
+
+def parse_predict(body: Any) -> PredictRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise InvalidRequest("'tasks' must be a list of task objects")
+    config = body.get("label_config")
+    if not isinstance(config, str):
+        raise InvalidRequest("'label_config' must be the project's label config (a string)")
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequest("'params' must be an object")
+    context = params.get("context")
+    regions = None
+    if context:
+        if not isinstance(context, dict) or not isinstance(context.get("result"), list):
+            raise InvalidRequest("'params.context' must be an object with a 'result' list")
+        regions = context["result"]
+        if len(tasks) != 1:
+            raise InvalidRequest(f"an interactive request carries exactly one task, got {len(tasks)}")
+    project = body.get("project")
+    return PredictRequest(tasks, config, str(project) if project is not None else None, regions)
+
+
+def task_image_url(task: dict, config: ProjectConfig) -> str:
+    data = task.get("data")
+    url = data.get(config.image_field) if isinstance(data, dict) else None
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidRequest(f"task {task.get('id')} has no image URL in data.{config.image_field}")
+    return url.strip()
+
+
+def _percent(value: dict, key: str, where: str) -> float:
+    raw = value.get(key)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        raise InvalidRequest(f"{where}: value.{key} must be a finite number, got {raw!r}")
+    if not -_EPS <= raw <= 100 + _EPS:
+        raise InvalidRequest(f"{where}: value.{key}={raw} is outside the image (0-100 %)")
+    return min(max(float(raw), 0.0), 100.0) / 100.0
+
+
+def parse_click(regions: list, config: ProjectConfig) -> ClickPrompt:
+    """Combine every smart region in the context into one SAM prompt: all points, the last box."""
+    points: list[tuple[float, float]] = []
+    labels: list[int] = []
+    box = None
+    label = None
+    if not regions:
+        raise InvalidRequest("'params.context.result' is empty: nothing to segment")
+    for i, region in enumerate(regions):
+        where = f"context region {i}"
+        if not isinstance(region, dict) or not isinstance(region.get("value"), dict):
+            raise InvalidRequest(f"{where} must be an object with a 'value' object")
+        rtype = region.get("type")
+        if rtype not in PROMPT_TAGS.values():
+            raise InvalidRequest(
+                f"{where} has type {rtype!r}; the backend takes keypointlabels and rectanglelabels prompts"
+            )
+        for dim in ("original_width", "original_height"):
+            size = region.get(dim)
+            if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0):
+                raise InvalidRequest(f"{where}: {dim} must be a positive number, got {size!r}")
+        if region.get("image_rotation") not in (None, 0, 0.0):
+            raise UnsupportedInput(
+                f"{where}: the image is rotated by {region['image_rotation']} degrees in Label Studio; "
+                "rotate it back to 0 to use the smart tools"
+            )
+        value = region["value"]
+        if rtype == "keypointlabels":
+            points.append((_percent(value, "x", where), _percent(value, "y", where)))
+            labels.append(0 if region.get("is_positive") is False else 1)
+        else:
+            if value.get("rotation") not in (None, 0, 0.0):
+                raise UnsupportedInput(f"{where}: rotated rectangles are not supported; draw the box unrotated")
+            x, y = _percent(value, "x", where), _percent(value, "y", where)
+            w, h = _percent(value, "width", where), _percent(value, "height", where)
+            if w <= 0 or h <= 0 or x + w > 1 + _EPS or y + h > 1 + _EPS:
+                raise InvalidRequest(f"{where}: the box has no area or leaves the image")
+            box = (x, y, min(x + w, 1.0), min(y + h, 1.0))
+        region_labels = value.get(rtype) or value.get("labels")
+        if region_labels:
+            if not isinstance(region_labels, list) or not isinstance(region_labels[0], str):
+                raise InvalidRequest(f"{where}: value.{rtype} must be a list of label names")
+            label = region_labels[0]
+    return ClickPrompt(Prompt(tuple(points), tuple(labels), box), label)

@@ -1,0 +1,134 @@
+"""Settings.from_env(): the only reader of os.environ. Validated once, at start."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit
+
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+OUTPUT_TYPES = ("both", "brush", "polygon")
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the backend cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    sam_model_type: str = "vit_b"
+    sam_checkpoint: str | None = None
+    device: str = "auto"
+    redis_url: str | None = None
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    model_dir: Path = Path.home() / ".cache" / "sam-backend"
+    log_level: str = "INFO"
+    host: str = "0.0.0.0"
+    port: int = 9090
+    workers: int = 1
+    threads: int = 4
+    torch_threads: int = 0
+    allowed_image_hosts: tuple[str, ...] = ()
+    max_image_bytes: int = 200 * 1024 * 1024
+    max_image_pixels: int = 120_000_000
+    image_timeout: float = 30.0
+    embedding_ttl: int = 7 * 24 * 3600
+    embedding_lru_size: int = 8
+    url_digest_ttl: int = 600
+    output_type: str = "both"
+    polygon_tolerance: float = 1.0
+    polygon_min_area: int = 100
+    warm_on_batch_predict: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        d = cls()
+
+        def text(name: str, default: str | None) -> str | None:
+            value = env.get(name, "").strip()
+            return value or default
+
+        def number(name: str, default, kind=int, minimum=None):
+            raw = text(name, None)
+            if raw is None:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+            if minimum is not None and value < minimum:
+                raise SettingsError(f"{name}={raw!r} must be >= {minimum}")
+            return value
+
+        def flag(name: str, default: bool) -> bool:
+            raw = text(name, None)
+            if raw is None:
+                return default
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise SettingsError(f"{name}={raw!r} must be true or false")
+
+        model_type = text("SAM_MODEL_TYPE", d.sam_model_type).lower()
+        if model_type not in MODEL_TYPES:
+            raise SettingsError(f"SAM_MODEL_TYPE={model_type!r} must be one of {', '.join(MODEL_TYPES)}")
+        output_type = text("OUTPUT_TYPE", d.output_type).lower()
+        if output_type not in OUTPUT_TYPES:
+            raise SettingsError(f"OUTPUT_TYPE={output_type!r} must be one of {', '.join(OUTPUT_TYPES)}")
+        device = text("DEVICE", d.device).lower()
+        if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+            raise SettingsError(f"DEVICE={device!r} must be auto, cpu, cuda or cuda:N")
+
+        ls_url = text("LABEL_STUDIO_URL", None)
+        if ls_url is not None:
+            ls_url = ls_url.rstrip("/")
+            if urlsplit(ls_url).scheme not in ("http", "https") or not urlsplit(ls_url).hostname:
+                raise SettingsError(f"LABEL_STUDIO_URL={ls_url!r} must be an http(s) URL")
+        hosts = tuple(h.strip().lower() for h in env.get("ALLOWED_IMAGE_HOSTS", "").split(",") if h.strip())
+
+        user, password = text("BASIC_AUTH_USER", None), text("BASIC_AUTH_PASS", None)
+        if (user is None) != (password is None):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+
+        return cls(
+            sam_model_type=model_type,
+            sam_checkpoint=text("SAM_CHECKPOINT", None),
+            device=device,
+            redis_url=text("REDIS_URL", None),
+            label_studio_url=ls_url,
+            label_studio_api_key=text("LABEL_STUDIO_API_KEY", None),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            model_dir=Path(text("MODEL_DIR", str(d.model_dir))).expanduser(),
+            log_level=text("LOG_LEVEL", d.log_level).upper(),
+            host=text("HOST", d.host),
+            port=number("PORT", d.port, minimum=1),
+            workers=number("WORKERS", d.workers, minimum=1),
+            threads=number("THREADS", d.threads, minimum=1),
+            torch_threads=number("TORCH_THREADS", d.torch_threads, minimum=0),
+            allowed_image_hosts=hosts,
+            max_image_bytes=number("MAX_IMAGE_BYTES", d.max_image_bytes, minimum=1),
+            max_image_pixels=number("MAX_IMAGE_PIXELS", d.max_image_pixels, minimum=1),
+            image_timeout=number("IMAGE_TIMEOUT", d.image_timeout, kind=float, minimum=0.1),
+            embedding_ttl=number("EMBEDDING_TTL", d.embedding_ttl, minimum=0),
+            embedding_lru_size=number("EMBEDDING_LRU_SIZE", d.embedding_lru_size, minimum=0),
+            url_digest_ttl=number("URL_DIGEST_TTL", d.url_digest_ttl, minimum=0),
+            output_type=output_type,
+            polygon_tolerance=number("POLYGON_TOLERANCE", d.polygon_tolerance, kind=float, minimum=0.0),
+            polygon_min_area=number("POLYGON_MIN_AREA", d.polygon_min_area, minimum=0),
+            warm_on_batch_predict=flag("WARM_ON_BATCH_PREDICT", d.warm_on_batch_predict),
+        )
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return self.basic_auth_user is not None
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)

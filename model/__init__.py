@@ -1,0 +1,1 @@
+"""SAM loading, encoding and decoding, independent of Label Studio and HTTP."""

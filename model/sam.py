@@ -1,0 +1,183 @@
+"""Load SAM from a checkpoint file; encode an image once; decode prompts statelessly.
+
+The decoder takes the embedding as an argument: no per-image state lives on the model, so any
+number of threads can decode against different images at once (SamPredictor cannot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import onnx_decoder
+from model.checkpoints import CheckpointError
+from model.prompts import ModelPrompt
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 1024  # SAM's encoder input side
+PATCH_SIZE = 16
+WINDOW_SIZE = 14
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        for name, arch in KNOWN_ARCHITECTURES.items():
+            if arch == self:
+                return name
+        return f"custom{self.embed_dim}x{self.depth}"
+
+
+KNOWN_ARCHITECTURES = {
+    "vit_b": Architecture(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": Architecture(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": Architecture(1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+def infer_architecture(state_dict: dict[str, torch.Tensor]) -> Architecture:
+    """Read the encoder's shape from the weights: official files are bare state dicts with no config."""
+    try:
+        embed_dim = state_dict["image_encoder.patch_embed.proj.weight"].shape[0]
+        block_ids = sorted(
+            {int(m.group(1)) for k in state_dict if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))}
+        )
+        rel_pos = [state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in block_ids]
+    except (KeyError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"not a SAM checkpoint: missing {exc}") from exc
+    if not block_ids or block_ids != list(range(len(block_ids))):
+        raise CheckpointError("not a SAM checkpoint: image encoder blocks are missing or out of order")
+    head_dim = rel_pos[0].shape[1]
+    global_size = 2 * (IMAGE_SIZE // PATCH_SIZE) - 1
+    global_indexes = tuple(i for i, r in zip(block_ids, rel_pos) if r.shape[0] == global_size)
+    return Architecture(embed_dim, len(block_ids), embed_dim // head_dim, global_indexes)
+
+
+def build_sam(arch: Architecture) -> torch.nn.Module:
+    from segment_anything.build_sam import _build_sam
+
+    return _build_sam(
+        encoder_embed_dim=arch.embed_dim,
+        encoder_depth=arch.depth,
+        encoder_num_heads=arch.num_heads,
+        encoder_global_attn_indexes=list(arch.global_attn_indexes),
+        checkpoint=None,
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only: a checkpoint is data, never code; mmap: peeking at shapes must not read 2.4 GB
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for corrupt / foreign files
+        raise CheckpointError(f"cannot read SAM checkpoint {path}: {exc}") from exc
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    return state_dict
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"DEVICE={requested} but CUDA is not available on this machine")
+    return torch.device(requested)
+
+
+class SamModel:
+    """A loaded SAM: `encode` once per image, `decode` per click."""
+
+    def __init__(self, sam: torch.nn.Module, arch: Architecture, checkpoint_digest: str, device: torch.device):
+        self.sam = sam.eval().to(device)
+        self.arch = arch
+        self.device = device
+        self.checkpoint_digest = checkpoint_digest
+        self.onnx: onnx_decoder.OnnxDecoder | None = None
+
+    @classmethod
+    def load(
+        cls, path: Path, checkpoint_digest: str, device: str = "auto", onnx_dir: Path | None = None, threads: int = 0
+    ) -> "SamModel":
+        """Build SAM from a checkpoint file. On CPU, with `onnx_dir`, the decoder runs in ONNX Runtime."""
+        state_dict = read_state_dict(path)
+        arch = infer_architecture(state_dict)
+        sam = build_sam(arch)
+        try:
+            sam.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not match a SAM {arch.name} model: {exc}") from exc
+        log.info("loaded SAM %s from %s (sha256 %s)", arch.name, path, checkpoint_digest[:12])
+        model = cls(sam, arch, checkpoint_digest, select_device(device))
+        if onnx_dir is not None and model.device.type == "cpu" and onnx_decoder.available():
+            onnx_path = onnx_dir / f"decoder-{model.model_id}.onnx"
+            if not onnx_path.is_file():
+                log.info("exporting the mask decoder to %s", onnx_path)
+                onnx_decoder.export(model.sam, onnx_path)
+            model.onnx = onnx_decoder.OnnxDecoder(onnx_path, threads)
+        return model
+
+    @property
+    def model_id(self) -> str:
+        """Names what the embeddings depend on: the encoder's architecture and weights."""
+        return model_id(self.arch.name, self.checkpoint_digest)
+
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """Embed an RGB uint8 image already resized so its long side is IMAGE_SIZE.
+
+        Returns float32 features of shape (256, 64, 64).
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or max(image.shape[:2]) != IMAGE_SIZE:
+            raise ValueError(f"encode wants an RGB image with long side {IMAGE_SIZE}, got {image.shape}")
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(self.device)
+        x = x.permute(2, 0, 1)[None].float()
+        x = self.sam.preprocess(x)  # normalise and pad to a square
+        return self.sam.image_encoder(x)[0].float().cpu().numpy()
+
+    def decode(self, features: np.ndarray, prompt: ModelPrompt) -> tuple[np.ndarray, float]:
+        """Low-res mask logits (256x256, covering the padded 1024 square) and SAM's IoU estimate."""
+        if self.onnx is not None:
+            return self.onnx(features, *onnx_decoder.onnx_points(prompt.points, prompt.labels, prompt.box))
+        return self.decode_torch(features, prompt)
+
+    @torch.inference_mode()
+    def decode_torch(self, features: np.ndarray, prompt: ModelPrompt) -> tuple[np.ndarray, float]:
+        emb = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None].to(self.device)
+        points = None
+        if prompt.points is not None:
+            coords = torch.as_tensor(prompt.points, dtype=torch.float32, device=self.device)[None]
+            labels = torch.as_tensor(prompt.labels, dtype=torch.int64, device=self.device)[None]
+            points = (coords, labels)
+        box = None
+        if prompt.box is not None:
+            box = torch.as_tensor(prompt.box, dtype=torch.float32, device=self.device)[None]
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=box, masks=None)
+        # a lone click or a lone box is ambiguous (part or whole): take the best of three masks, the
+        # rule of SAM's own ONNX export, so both decoders agree
+        clicks = 0 if prompt.points is None else len(prompt.points)
+        multimask = (clicks == 1 and prompt.box is None) or (clicks == 0 and prompt.box is not None)
+        logits, scores = self.sam.mask_decoder(
+            image_embeddings=emb,
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        best = int(torch.argmax(scores[0]))
+        return logits[0, best].float().cpu().numpy(), float(scores[0, best])
+
+
+def model_id(arch_name: str, checkpoint_digest: str) -> str:
+    return f"{arch_name}-{checkpoint_digest[:12]}"

