@@ -180,9 +180,9 @@ class Predictor:
         label = click.label or config.default_label()
         outputs = config.outputs_for(label, self.settings.output_type)
         url = task_image_url(task, config)
+        model = self.loader.get()  # a missing checkpoint is reported before any download
 
         embedding = self.embedder.for_url(url, timings)
-        model = self.loader.get()
         start = time.perf_counter()
         low_res, score = model.decode(embedding.features, to_model(click.prompt, embedding.input_size))
         score = min(max(score, 0.0), 1.0)  # SAM's IoU estimate can leave [0, 1]; Label Studio wants it inside

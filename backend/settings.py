@@ -44,6 +44,7 @@ class Settings:
     polygon_tolerance: float = 1.0
     polygon_min_area: int = 100
     warm_on_batch_predict: bool = True
+    embedded_redis_maxmemory: str = "2gb"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -124,6 +125,7 @@ class Settings:
             polygon_tolerance=number("POLYGON_TOLERANCE", d.polygon_tolerance, kind=float, minimum=0.0),
             polygon_min_area=number("POLYGON_MIN_AREA", d.polygon_min_area, minimum=0),
             warm_on_batch_predict=flag("WARM_ON_BATCH_PREDICT", d.warm_on_batch_predict),
+            embedded_redis_maxmemory=text("EMBEDDED_REDIS_MAXMEMORY", d.embedded_redis_maxmemory),
         )
 
     @property

@@ -1,0 +1,89 @@
+"""sam-backend serve | download | bench click"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from backend.settings import Settings, SettingsError
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"configuration error: {exc}")
+
+
+def cmd_serve(args) -> int:
+    from backend.server import serve
+
+    settings = _settings()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers),
+                                   ("threads", args.threads)) if v is not None}
+    return serve(settings.replace(**overrides))
+
+
+def cmd_download(args) -> int:
+    from model.checkpoints import CheckpointError, resolve_checkpoint
+
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level)
+    try:
+        path = resolve_checkpoint(args.model_type or settings.sam_model_type, None, settings.model_dir)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def cmd_bench_click(args) -> int:
+    from backend.bench import print_click_table, run_click_bench
+
+    figures = run_click_bench(args)
+    print_click_table(figures)
+    print(json.dumps(figures, separators=(",", ":")))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam-backend", description="Label Studio ML backend for Segment Anything")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the backend under gunicorn (embedded Redis if REDIS_URL is unset)")
+    serve.add_argument("--host", help="interface to bind (env HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (env PORT, default 9090)")
+    serve.add_argument("--workers", type=int, help="gunicorn worker processes (env WORKERS, default 1)")
+    serve.add_argument("--threads", type=int, help="threads per worker (env THREADS, default 4)")
+    serve.set_defaults(func=cmd_serve)
+
+    download = sub.add_parser("download", help="download the official SAM checkpoint into MODEL_DIR/checkpoints")
+    download.add_argument("--model-type", choices=("vit_b", "vit_l", "vit_h"))
+    download.set_defaults(func=cmd_download)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    click = bench_sub.add_parser("click", help="cold and warm click latency through the real HTTP stack")
+    click.add_argument("--random-weights", action="store_true",
+                       help="use a randomly initialised SAM of the real architecture (timing only: masks are noise)")
+    click.add_argument("--model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
+    click.add_argument("--sizes", default="1MP,20MP", help="comma list of 1MP, 20MP")
+    click.add_argument("--outputs", default="brush,polygon")
+    click.add_argument("--cold", type=int, default=3, help="cold clicks per size (each encodes a new image)")
+    click.add_argument("--warm", type=int, default=20, help="warm clicks per size and output")
+    click.add_argument("--threads", type=int, default=4)
+    click.add_argument("--device", default="auto")
+    click.set_defaults(func=cmd_bench_click)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`sam-backend serve`: checkpoint ready, Redis ready (embedded if REDIS_URL is unset), then gunicorn.
+
+gunicorn runs in this process (not exec'd) so the embedded Redis is stopped when it exits.
+Workers import the app after the fork: torch and CUDA are never initialised in the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from gunicorn.app.base import BaseApplication
+
+from backend.embedded_redis import EmbeddedRedis
+from backend.settings import Settings
+from model.checkpoints import CheckpointError, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class GunicornApp(BaseApplication):
+    def __init__(self, options: dict):
+        self.options = options
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from backend.wsgi import app
+
+        return app
+
+
+def gunicorn_options(settings: Settings) -> dict:
+    return {
+        "bind": f"{settings.host}:{settings.port}",
+        "workers": settings.workers,
+        "threads": settings.threads,
+        "worker_class": "gthread",
+        # a cold click encodes the image: ~25 s for vit_b on a CPU, minutes for vit_h
+        "timeout": 600,
+        "graceful_timeout": 30,
+        "loglevel": settings.log_level.lower(),
+        "accesslog": "-" if settings.log_level in ("DEBUG", "INFO") else None,
+    }
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        path = resolve_checkpoint(settings.sam_model_type, settings.sam_checkpoint, settings.model_dir)
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return 2
+    os.environ["SAM_CHECKPOINT"] = str(path)
+    # workers read their settings from the environment: hand them the command line's choices
+    os.environ["HOST"], os.environ["PORT"] = settings.host, str(settings.port)
+    os.environ["MODEL_DIR"] = str(settings.model_dir)
+
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.model_dir / "redis", settings.embedded_redis_maxmemory)
+        embedded.start()
+        os.environ["REDIS_URL"] = embedded.url
+    try:
+        log.info("serving SAM on http://%s:%d (%d workers x %d threads)", settings.host, settings.port,
+                 settings.workers, settings.threads)
+        GunicornApp(gunicorn_options(settings)).run()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
