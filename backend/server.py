@@ -25,7 +25,8 @@ class GunicornApp(BaseApplication):
 
     def load_config(self):
         for key, value in self.options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:  # older gunicorn releases lack some settings
+                self.cfg.set(key, value)
 
     def load(self):
         from backend.wsgi import app
@@ -43,6 +44,8 @@ def gunicorn_options(settings: Settings) -> dict:
         "timeout": 600,
         "graceful_timeout": 30,
         "loglevel": settings.log_level.lower(),
+        # gunicorn >= 25 opens a control socket at a fixed path: two servers on one host would fight over it
+        "control_socket_disable": True,
         "accesslog": "-" if settings.log_level in ("DEBUG", "INFO") else None,
     }
 

@@ -21,7 +21,6 @@ from PIL import Image
 from backend.app import Services, create_app
 from backend.settings import Settings
 
-PROTOCOL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "protocol"
 FIXTURE_PROTOCOL_DIR = Path(__file__).resolve().parent / "protocol"
 TOKEN = "legacytoken0123456789abcdef0123456789ab"
 
@@ -152,7 +151,7 @@ class ImageServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def add(self, path: str, data: bytes) -> str:

@@ -1,0 +1,84 @@
+"""`sam-backend serve` as an admin runs it: gunicorn workers, embedded Redis, the real CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+import requests
+
+from tests.conftest import TOKEN, free_port, make_image, protocol_body
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float = 120) -> requests.Response:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"serve exited with {proc.returncode}"
+        try:
+            response = requests.get(url, timeout=5)
+            if response.status_code == 200:
+                return response
+        except requests.RequestException:  # not listening yet, or a worker still importing torch
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer in {timeout} s")
+
+
+def test_serve_with_embedded_redis_answers_clicks_from_two_workers(tiny_checkpoint, image_server, tmp_path):
+    image_server.add("/data/local-files/?d=local/img_local.png", make_image(80, 60))
+    port = free_port()
+    model_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(SAM_CHECKPOINT=str(tiny_checkpoint), MODEL_DIR=str(model_dir), LABEL_STUDIO_URL=image_server.url,
+               LABEL_STUDIO_API_KEY=TOKEN, DEVICE="cpu", TORCH_THREADS="1", LOG_LEVEL="WARNING")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        cwd=ROOT, env=env, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_for(base + "/health", proc).json()
+        assert health["status"] == "UP" and health["model_version"].startswith("sam-custom32x2-")
+        socket_path = model_dir / "redis" / "redis.sock"
+        assert socket_path.exists()
+        body = protocol_body("predict_interactive_keypointlabels.json")
+        answers = [requests.post(base + "/predict", json=body, timeout=120) for _ in range(4)]
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        assert all(a.json()["results"][0]["result"] for a in answers)
+        # both workers share one embedded Redis: one embedding stored, whatever worker encoded it
+        store = redis.Redis(unix_socket_path=str(socket_path))
+        assert len(store.keys("sam-backend:emb:*")) == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    # the embedded Redis went down with the server
+    time.sleep(0.5)
+    try:
+        redis.Redis(unix_socket_path=str(socket_path), socket_connect_timeout=1).ping()
+        still_up = True
+    except redis.ConnectionError:
+        still_up = False
+    assert not still_up
+
+
+def test_serve_without_a_checkpoint_offline_says_where_to_put_it(tmp_path):
+    env = dict(os.environ, SAM_CHECKPOINT=str(tmp_path / "missing.pth"), MODEL_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "serve", "--port", str(free_port())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert str(tmp_path / "missing.pth") in result.stderr
+
+
+def test_bad_setting_is_refused_at_start(tmp_path):
+    env = dict(os.environ, SAM_MODEL_TYPE="vit_x", MODEL_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "backend.cli", "serve"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "SAM_MODEL_TYPE" in result.stderr
