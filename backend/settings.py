@@ -11,6 +11,15 @@ from urllib.parse import urlsplit
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
 OUTPUT_TYPES = ("both", "brush", "polygon")
 
+# every environment variable the backend reads; README.md documents each (a test checks both)
+ENV_VARS = (
+    "SAM_MODEL_TYPE", "SAM_CHECKPOINT", "DEVICE", "REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY",
+    "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "MODEL_DIR", "LOG_LEVEL", "HOST", "PORT", "WORKERS", "THREADS",
+    "TORCH_THREADS", "ALLOWED_IMAGE_HOSTS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "IMAGE_TIMEOUT",
+    "EMBEDDING_TTL", "EMBEDDING_LRU_SIZE", "URL_DIGEST_TTL", "OUTPUT_TYPE", "POLYGON_TOLERANCE",
+    "POLYGON_MIN_AREA", "WARM_ON_BATCH_PREDICT", "EMBEDDED_REDIS_MAXMEMORY",
+)
+
 
 class SettingsError(ValueError):
     """An environment variable has a value the backend cannot use."""

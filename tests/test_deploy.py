@@ -1,0 +1,87 @@
+"""docker-compose.yml, README and label configs agree with the real CLI and settings (Docker does not run here)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backend.cli import build_parser
+from backend.label_config import parse_label_config
+from backend.settings import ENV_VARS, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_settings_read_exactly_the_documented_variables():
+    source = (ROOT / "backend" / "settings.py").read_text()
+    read = set(re.findall(r'(?:text|number|flag)\(\s*"([A-Z_]+)"', source))
+    read |= set(re.findall(r'env\.get\("([A-Z_]+)"', source))
+    assert read == set(ENV_VARS)
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in ENV_VARS if f"`{name}`" not in readme]
+    assert not missing, f"README.md does not document {missing}"
+
+
+def test_compose_backend_command_and_env_match_the_cli(compose):
+    backend = compose["services"]["backend"]
+    argv = backend["command"]
+    assert argv[0] == "sam-backend"
+    args = build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown option
+    assert args.command == "serve" and args.port == 9090
+    env = backend["environment"]
+    assert set(env) <= set(ENV_VARS), set(env) - set(ENV_VARS)
+    assert env["REDIS_URL"].startswith("redis://redis:")
+    assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+    resolved = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+    Settings.from_env(resolved)  # every default in the file is a valid setting
+    port = str(args.port)
+    assert any(p.endswith(f":{port}") for p in backend["ports"])
+    assert port in " ".join(backend["healthcheck"]["test"])
+    dockerfile = backend["build"]["dockerfile_inline"]
+    assert "torch==2.14.1" in dockerfile and "pip install --no-cache-dir ." in dockerfile
+    cmd_line = re.search(r"CMD (\[.*\])", dockerfile).group(1)
+    assert yaml.safe_load(cmd_line) == argv
+
+
+def test_compose_redis_is_a_bounded_cache_with_snapshots(compose):
+    redis = compose["services"]["redis"]
+    words = shlex.split(redis["command"].replace("${REDIS_MAXMEMORY:-4gb}", "4gb"))
+    assert words[0] == "redis-server"
+    assert words[words.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert words[words.index("--maxmemory") + 1] == "4gb"
+    assert "--save" in words
+    assert compose["services"]["backend"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    ls = compose["services"]["label-studio"]["environment"]
+    assert ls["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "label_config").glob("*.xml")), ids=lambda p: p.name)
+def test_ready_label_configs_are_servable(path):
+    config = parse_label_config(path.read_text())
+    assert config.prompt_tags, "no smart KeyPointLabels / RectangleLabels"
+    assert config.outputs
+    # every label an annotator can pick on a smart tool has somewhere to go
+    from label_studio_sdk.label_interface import LabelInterface
+
+    interface = LabelInterface(path.read_text())
+    for name in config.prompt_tags:
+        for label in interface.get_control(name).labels:
+            assert config.outputs_for(label, "both")
+
+
+def test_readme_starts_with_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, re.S)
+    assert "sam-backend serve" in blocks[0]
+    assert "pytest" in blocks[1] or ".ci/run" in blocks[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pytest" in ci
