@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import redis
 import requests
 from PIL import Image
 
@@ -174,11 +175,13 @@ def run_click_bench(args) -> dict:
                 cold.append(elapsed)
             row = {"cold_ms": _stats(cold)}
             for output in args.outputs.split(","):
-                warm, stage, nbytes = [], [], []
+                warm, stage, nbytes, server, decode = [], [], [], [], []
                 for _ in range(args.warm):
                     x, y = rng.uniform(10, 90, size=2)
                     elapsed, body, timing = _post(session, base, _click_body(f"/data/upload/{size_name}-0.jpg", output, x, y, size))
                     warm.append(elapsed)
+                    server.append(timing.get("total", float("nan")))
+                    decode.append(timing.get("decode", float("nan")))
                     stage.append(timing.get(output, 0.0) + _json_ms(body))
                     nbytes.append(len(body))
                 out_p50 = statistics.median(stage)
@@ -190,6 +193,8 @@ def run_click_bench(args) -> dict:
                 warm_p50 = _percentile(warm, 50)
                 row[output] = {
                     "warm_ms": _stats(warm),
+                    "server_ms_p50": round(statistics.median(server), 2),
+                    "decoder_ms_p50": round(statistics.median(decode), 2),
                     "response_bytes_p50": int(statistics.median(nbytes)),
                     "output_stage_ms_p50": round(out_p50, 2),
                     "smooth_output_stage_ms": round(smooth_ms, 2),
@@ -198,6 +203,10 @@ def run_click_bench(args) -> dict:
                     "cold_over_warm": round(_percentile(cold, 50) / warm_p50, 1),
                 }
             figures["sizes"][size_name] = row
+        store = redis.Redis.from_url(redis_server.url)
+        sizes_stored = [store.strlen(k) for k in store.keys("sam-backend:emb:*")]
+        figures["embedding_bytes"] = {"p50": int(statistics.median(sizes_stored)), "max": max(sizes_stored),
+                                      "n": len(sizes_stored)}
         return figures
     finally:
         for proc in procs:
@@ -227,6 +236,8 @@ def print_click_table(figures: dict) -> None:
                   f" {r['warm_ms']['p95']:>7.1f}ms {r['output_stage_ms_p50']:>8.1f}ms {r['response_bytes_p50']:>10}"
                   f" {r['smooth_output_stage_ms']:>9.1f}ms {r['smooth_warm_ms_p50']:>9.1f}ms {r['smooth_response_bytes']:>9}"
                   f" {r['cold_over_warm']:>8.1f}x")
+    emb = figures["embedding_bytes"]
+    print(f"stored embedding: {emb['p50'] / 1e6:.2f} MB p50, {emb['max'] / 1e6:.2f} MB max over {emb['n']} images")
     print("out stage = mask -> regions -> JSON on the served (random-weight) mask; smooth = the same stage on an"
           " object-shaped mask of the same size, and the warm p50 with it swapped in")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
 import io
 import json
@@ -117,21 +118,51 @@ def make_image(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> byte
     return buf.getvalue()
 
 
+def fake_jwt(claims: dict) -> str:
+    """A token shaped like Label Studio's JWTs (header.payload.signature); nothing here verifies signatures."""
+    def part(obj) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
 class ImageServer:
-    """Serves image bytes over HTTP on 127.0.0.1, like Label Studio's /data/ endpoints: paths under
-    /data/ need `Authorization: Token <TOKEN>`; other paths are public. Records the headers it saw."""
+    """Serves image bytes over HTTP on 127.0.0.1 the way Label Studio's /data/ endpoints do: paths
+    under /data/ need `Authorization: Token <TOKEN>` or `Bearer <access>` where the access token came
+    from POST /api/token/refresh/ with the personal access token `pat`. Other paths are public.
+    Records the paths and Authorization headers it saw. (The real Label Studio is used in e2e tests.)"""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.token = TOKEN
+        self.pat = fake_jwt({"token_type": "refresh", "exp": int(time.time()) + 86400})
+        self.access_tokens: list[str] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                server.requests.append((self.path, None))
+                if self.path != "/api/token/refresh/" or body.get("refresh") != server.pat:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                access = fake_jwt({"token_type": "access", "exp": int(time.time()) + 300, "n": len(server.access_tokens)})
+                server.access_tokens.append(access)
+                payload = json.dumps({"access": access}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def do_GET(self):
                 auth = self.headers.get("Authorization")
                 server.requests.append((self.path, auth))
-                if self.path.startswith("/data/") and auth != f"Token {server.token}":
+                valid = {f"Token {server.token}"} | {f"Bearer {a}" for a in server.access_tokens}
+                if self.path.startswith("/data/") and auth not in valid:
                     self.send_response(401)
                     self.end_headers()
                     return

@@ -233,3 +233,33 @@ def test_decode_too_many_pixels():
     assert "80x60" in info.value.message
     # the limit is inclusive
     assert decode_image(make_image(80, 60), max_pixels=80 * 60).original_size == (60, 80)
+
+
+def test_personal_access_token_is_exchanged_for_a_bearer_access_token(image_server):
+    """A personal access token sent as is gets 401 from Label Studio: it must be refreshed first."""
+    image_server.add("/data/upload/pat.png", b"png-bytes")
+    settings = Settings(label_studio_url=image_server.url, label_studio_api_key=image_server.pat)
+    fetcher = ImageFetcher(settings)
+    assert fetcher.fetch("/data/upload/pat.png") == b"png-bytes"
+    assert fetcher.fetch("/data/upload/pat.png") == b"png-bytes"
+    assert len(image_server.access_tokens) == 1  # refreshed once, reused while valid
+    sent = [auth for path, auth in image_server.requests if path == "/data/upload/pat.png"]
+    assert sent == [f"Bearer {image_server.access_tokens[0]}"] * 2
+    assert all(image_server.pat not in (auth or "") for _, auth in image_server.requests)
+
+
+def test_revoked_access_token_is_refreshed_once_and_retried(image_server):
+    image_server.add("/data/upload/pat.png", b"png-bytes")
+    fetcher = ImageFetcher(Settings(label_studio_url=image_server.url, label_studio_api_key=image_server.pat))
+    assert fetcher.fetch("/data/upload/pat.png") == b"png-bytes"
+    image_server.access_tokens.clear()  # Label Studio forgot it (restart, rotation)
+    assert fetcher.fetch("/data/upload/pat.png") == b"png-bytes"
+    assert len(image_server.access_tokens) == 1
+
+
+def test_refused_personal_access_token_says_so(image_server):
+    image_server.add("/data/upload/pat.png", b"png-bytes")
+    other = image_server.pat[:-4] + "AAAA"
+    fetcher = ImageFetcher(Settings(label_studio_url=image_server.url, label_studio_api_key=other))
+    with pytest.raises(ImageUnavailable, match="personal access token"):
+        fetcher.fetch("/data/upload/pat.png")

@@ -82,3 +82,32 @@ def test_bad_setting_is_refused_at_start(tmp_path):
     result = subprocess.run([sys.executable, "-m", "backend.cli", "serve"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "SAM_MODEL_TYPE" in result.stderr
+
+
+def test_bench_click_prints_a_table_and_a_json_last_line(tiny_checkpoint):
+    """The benchmark runs end to end (here with the small SAM, so it is quick); figures are not judged."""
+    import json
+
+    env = dict(os.environ, SAM_CHECKPOINT=str(tiny_checkpoint), TORCH_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "bench", "click", "--sizes", "1MP", "--cold", "1", "--warm", "2",
+         "--device", "cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    row = figures["sizes"]["1MP"]
+    assert row["cold_ms"]["n"] == 1
+    for output in ("brush", "polygon"):
+        assert row[output]["warm_ms"]["n"] == 2
+        assert row[output]["response_bytes_p50"] > 0
+    assert figures["embedding_bytes"]["n"] == 2  # the warm-up image and the cold one
+    assert any("warm p50" in line for line in lines)
+
+
+def test_bench_click_refuses_to_run_without_weights(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SAM_CHECKPOINT"}
+    result = subprocess.run([sys.executable, "-m", "backend.cli", "bench", "click"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "--random-weights" in result.stderr
