@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import threading
 import time
 from urllib.parse import urljoin, urlsplit
@@ -23,6 +24,21 @@ from model.sam import IMAGE_SIZE
 log = logging.getLogger(__name__)
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clear error
+
+
+_SECRET_PARAM = re.compile(r"(?i)(sig|signature|token|key|credential|secret|password|auth)")
+
+
+def display_url(url: str) -> str:
+    """The URL for messages and logs: presigned URLs carry credentials in the query string."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    query = "&".join(
+        f"{name}=***" if _SECRET_PARAM.search(name) else f"{name}={value}"
+        for name, _, value in (pair.partition("=") for pair in parts.query.split("&"))
+    )
+    return parts._replace(query=query).geturl()
 
 
 def _origin(url: str) -> tuple[str, str, int]:
@@ -118,7 +134,7 @@ class ImageFetcher:
         if url.startswith("/"):
             if ls is None:
                 raise InvalidRequest(
-                    f"image URL {url} is relative to Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
+                    f"image URL {display_url(url)} is relative to Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
                 )
             url = ls.base_url + url
         scheme, host, _ = _origin(url)
@@ -138,6 +154,7 @@ class ImageFetcher:
         return url, (ls if same_as_ls else None)
 
     def fetch(self, url: str) -> bytes:
+        shown = display_url(url)
         absolute, auth = self.resolve(url)
         response = self._get(absolute, auth, force_refresh=False)
         if response.status_code == 401 and auth is not None and auth.api_key and _looks_like_jwt(auth.api_key):
@@ -146,24 +163,24 @@ class ImageFetcher:
         with response:
             if response.status_code in (401, 403):
                 raise ImageUnavailable(
-                    f"Label Studio answered {response.status_code} for {url}: set LABEL_STUDIO_API_KEY to a "
+                    f"Label Studio answered {response.status_code} for {shown}: set LABEL_STUDIO_API_KEY to a "
                     "valid legacy token or personal access token of a user who can see this project"
                 )
             if response.status_code != 200:
-                raise ImageUnavailable(f"downloading {url} failed with HTTP {response.status_code}")
+                raise ImageUnavailable(f"downloading {shown} failed with HTTP {response.status_code}")
             limit = self.settings.max_image_bytes
             declared = int(response.headers.get("Content-Length") or 0)
             if declared > limit:
-                raise ImageTooLarge(f"image {url} is {declared} bytes; MAX_IMAGE_BYTES is {limit}")
+                raise ImageTooLarge(f"image {shown} is {declared} bytes; MAX_IMAGE_BYTES is {limit}")
             chunks, size = [], 0
             try:
                 for chunk in response.iter_content(chunk_size=1 << 20):
                     size += len(chunk)
                     if size > limit:
-                        raise ImageTooLarge(f"image {url} is larger than MAX_IMAGE_BYTES={limit}")
+                        raise ImageTooLarge(f"image {shown} is larger than MAX_IMAGE_BYTES={limit}")
                     chunks.append(chunk)
             except requests.RequestException as exc:
-                raise ImageUnavailable(f"downloading {url} was interrupted: {exc}") from exc
+                raise ImageUnavailable(f"downloading {shown} was interrupted: {exc}") from exc
             return b"".join(chunks)
 
     def _get(self, url: str, auth: LabelStudioAuth | None, force_refresh: bool) -> requests.Response:
@@ -171,9 +188,9 @@ class ImageFetcher:
         try:
             return self._session.get(url, headers=headers, stream=True, timeout=self.settings.image_timeout)
         except requests.Timeout as exc:
-            raise ImageUnavailable(f"downloading {url} timed out after {self.settings.image_timeout} s") from exc
+            raise ImageUnavailable(f"downloading {display_url(url)} timed out after {self.settings.image_timeout} s") from exc
         except requests.RequestException as exc:
-            raise ImageUnavailable(f"cannot download {url}: {exc.__class__.__name__}") from exc
+            raise ImageUnavailable(f"cannot download {display_url(url)}: {exc.__class__.__name__}") from exc
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import time
 
 from backend.embeddings import Embedding, EmbeddingCache, content_digest
 from backend.errors import BackendError
-from backend.images import ImageFetcher, decode_image
+from backend.images import ImageFetcher, decode_image, display_url
 from backend.label_config import ProjectConfig, parse_label_config
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
@@ -142,7 +142,7 @@ class Warmer:
                 self.metrics.warm_jobs.labels("done").inc()
             except BackendError as exc:
                 self.metrics.warm_jobs.labels("failed").inc()
-                log.warning("warming %s failed: %s", url, exc.message)
+                log.warning("warming %s failed: %s", display_url(url), exc.message)
             finally:
                 with self._guard:
                     self._pending.discard(url)

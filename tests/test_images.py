@@ -263,3 +263,16 @@ def test_refused_personal_access_token_says_so(image_server):
     fetcher = ImageFetcher(Settings(label_studio_url=image_server.url, label_studio_api_key=other))
     with pytest.raises(ImageUnavailable, match="personal access token"):
         fetcher.fetch("/data/upload/pat.png")
+
+
+def test_presigned_credentials_never_appear_in_messages(image_server):
+    from backend.images import display_url
+
+    url = "https://bucket.s3.amazonaws.com/a.jpg?X-Amz-Credential=AKIA123&X-Amz-Signature=deadbeef&X-Amz-Expires=60"
+    shown = display_url(url)
+    assert "AKIA123" not in shown and "deadbeef" not in shown and "X-Amz-Expires=60" in shown
+    assert display_url("/data/local-files/?d=local/a.png") == "/data/local-files/?d=local/a.png"
+    fetcher = ImageFetcher(Settings(label_studio_url=image_server.url, label_studio_api_key=TOKEN))
+    with pytest.raises(ImageUnavailable) as caught:
+        fetcher.fetch("/data/upload/missing.png?token=supersecret")
+    assert "supersecret" not in caught.value.message
