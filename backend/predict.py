@@ -14,7 +14,7 @@ from backend.images import ImageFetcher, decode_image, display_url
 from backend.label_config import ProjectConfig, parse_label_config
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
-from backend.protocol import PredictRequest, parse_click, task_image_url
+from backend.protocol import PredictRequest, parse_click, task_boxes, task_image_url
 from backend.results import brush_region, polygon_regions
 from backend.settings import Settings
 from model.masks import logits_at_input
@@ -50,12 +50,9 @@ class Embedder:
 
     def for_url(self, url: str, timings: Timings | None = None) -> Embedding:
         timings = timings or Timings()
-        model_id = self.loader.model_id
-        digest = self.cache.url_digest(url)
-        if digest is not None:
-            found = self.cache.get(self.cache.key(model_id, digest))
-            if found is not None:
-                return found
+        found = self.cached(url)
+        if found is not None:
+            return found
         start = time.perf_counter()
         data = self.fetcher.fetch(url)
         timings.add("fetch", time.perf_counter() - start)
@@ -63,6 +60,11 @@ class Embedder:
         digest = content_digest(data)
         self.cache.remember_url(url, digest)
         return self.for_bytes(data, digest, timings)
+
+    def cached(self, url: str) -> Embedding | None:
+        """The embedding if this image was embedded before, without downloading anything."""
+        digest = self.cache.url_digest(url)
+        return None if digest is None else self.cache.get(self.cache.key(self.loader.model_id, digest))
 
     def for_bytes(self, data: bytes, digest: str, timings: Timings) -> Embedding:
         key = self.cache.key(self.loader.model_id, digest)
@@ -159,32 +161,68 @@ class Predictor:
     def predict(self, request: PredictRequest, timings: Timings) -> dict:
         config = parse_label_config(request.label_config)
         if request.context is None:
-            return self._batch(request, config)
+            return {"results": self._batch(request.tasks, config, timings)}
         return {"results": [self._click(request.tasks[0], request.context, config, timings)]}
-
-    def _batch(self, request: PredictRequest, config: ProjectConfig) -> dict:
-        """One entry per task, in task order (Label Studio drops the whole answer otherwise)."""
-        if self.settings.warm_on_batch_predict:
-            urls = []
-            for task in request.tasks:
-                try:
-                    urls.append(task_image_url(task, config))
-                except BackendError as exc:
-                    log.warning("not warming task %s: %s", task.get("id"), exc.message)
-            self.warmer.submit(urls)
-        empty = {"result": [], "score": 0.0, "model_version": self.loader.model_version}
-        return {"results": [dict(empty) for _ in request.tasks]}
 
     def _click(self, task: dict, context: list, config: ProjectConfig, timings: Timings) -> dict:
         click = parse_click(context, config)
         label = click.label or config.default_label()
         outputs = config.outputs_for(label, self.settings.output_type)
         url = task_image_url(task, config)
-        model = self.loader.get()  # a missing checkpoint is reported before any download
-
+        self.loader.get()  # a missing checkpoint is reported before any download
         embedding = self.embedder.for_url(url, timings)
+        regions, score = self._segment(embedding, click.prompt, label, outputs, config, timings)
+        return {"result": regions, "score": score, "model_version": self.loader.model_version}
+
+    def _batch(self, tasks: list[dict], config: ProjectConfig, timings: Timings) -> list[dict]:
+        """One entry per task, in task order (Label Studio drops the whole answer otherwise).
+
+        Tasks that carry boxes (imported predictions or annotations) and whose image is already
+        embedded get one mask per box now. The others are warmed in the background; their entry
+        has no "result", which Label Studio skips without storing an empty prediction (an empty one
+        would stop it from asking again for this model version).
+        """
+        answers, to_warm = [], []
+        for task in tasks:
+            try:
+                url = task_image_url(task, config)
+            except BackendError as exc:
+                log.warning("no draft for task %s: %s", task.get("id"), exc.message)
+                answers.append(self._pending("task has no image"))
+                continue
+            boxes = task_boxes(task, config)
+            embedding = self.embedder.cached(url) if boxes else None
+            if embedding is None:
+                to_warm.append(url)
+                answers.append(self._pending("image not embedded yet" if boxes else "no boxes to prompt with"))
+                continue
+            answers.append(self._draft_from_boxes(embedding, boxes, config, timings))
+        if self.settings.warm_on_batch_predict and to_warm:
+            self.warmer.submit(to_warm)
+        return answers
+
+    def _pending(self, reason: str) -> dict:
+        return {"model_version": self.loader.model_version, "score": 0.0, "status": reason}
+
+    def _draft_from_boxes(self, embedding, boxes: list, config: ProjectConfig, timings: Timings) -> dict:
+        regions, scores = [], []
+        for prompt, label in boxes:
+            try:
+                outputs = config.outputs_for(label, self.settings.output_type)
+            except BackendError as exc:
+                log.info("skipping a box: %s", exc.message)
+                continue
+            found, score = self._segment(embedding, prompt, label, outputs, config, timings)
+            regions.extend(found)
+            scores.append(score)
+        score = sum(scores) / len(scores) if scores else 0.0
+        return {"result": regions, "score": score, "model_version": self.loader.model_version}
+
+    def _segment(self, embedding, prompt, label: str, outputs, config: ProjectConfig, timings: Timings):
+        """Decoder, then the mask as every output tag wants it. Returns (regions, score)."""
+        model = self.loader.get()
         start = time.perf_counter()
-        low_res, score = model.decode(embedding.features, to_model(click.prompt, embedding.input_size))
+        low_res, score = model.decode(embedding.features, to_model(prompt, embedding.input_size))
         score = min(max(score, 0.0), 1.0)  # SAM's IoU estimate can leave [0, 1]; Label Studio wants it inside
         logits = logits_at_input(low_res, embedding.input_size)
         elapsed = time.perf_counter() - start
@@ -206,4 +244,4 @@ class Predictor:
             elapsed = time.perf_counter() - start
             timings.add(tag.kind, elapsed)
             self.metrics.output.labels(tag.kind).observe(elapsed)
-        return {"result": regions, "score": score, "model_version": self.loader.model_version}
+        return regions, score

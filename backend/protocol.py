@@ -112,3 +112,26 @@ def parse_click(regions: list, config: ProjectConfig) -> ClickPrompt:
                 raise InvalidRequest(f"{where}: value.{rtype} must be a list of label names")
             label = region_labels[0]
     return ClickPrompt(Prompt(tuple(points), tuple(labels), box), label)
+
+
+def task_boxes(task: dict, config: ProjectConfig) -> list[tuple[Prompt, str]]:
+    """Boxes a task already carries (imported predictions, then annotations) as box prompts with their label.
+
+    Malformed or rotated boxes are skipped: a batch must still answer for every task.
+    """
+    boxes = []
+    for source in ("predictions", "annotations"):
+        for item in task.get(source) or []:
+            results = item.get("result") if isinstance(item, dict) else None
+            for region in results or []:
+                if not isinstance(region, dict) or region.get("type") != "rectanglelabels":
+                    continue
+                if region.get("to_name") not in (None, config.image_name):
+                    continue
+                try:
+                    click = parse_click([region], config)
+                except (InvalidRequest, UnsupportedInput):
+                    continue
+                if click.prompt.box is not None:
+                    boxes.append((click.prompt, click.label or config.default_label()))
+    return boxes

@@ -162,6 +162,8 @@ def test_batch_predict_returns_one_entry_per_task_in_order_and_warms(client, ser
     results = response.json["results"]
     assert len(results) == len(body["tasks"]) == 3
     assert all(r["model_version"] == services.loader.model_version for r in results)
+    # no task carries boxes: no entry has a "result", so Label Studio stores no empty prediction
+    assert all("result" not in r for r in results)
     assert services.warmer.join(timeout=60)
     # task 1 and 3 warmed into Redis; task 2's host (another port) is not allowed: skipped, logged, counted
     assert metric(c, 'sam_warm_jobs_total{result="done"}') == 2
@@ -306,3 +308,30 @@ def test_url_digest_lets_warm_clicks_skip_the_download(client, served):
     assert c.post("/predict", json=rect_body()).status_code == 200
     assert len(served.requests) == downloads
     assert EmbeddingCache.key(services.loader.model_id, "x").startswith("sam-backend:emb:")
+
+
+def test_batch_predict_drafts_one_mask_per_imported_box_once_the_image_is_warm(client, served):
+    c, services = client
+    body = copy.deepcopy(protocol_body("predict_batch.json"))
+    box = copy.deepcopy(protocol_body("webhook_annotation_created.json")["annotation"]["result"][0])
+    other = copy.deepcopy(box)
+    other["value"].update(x=55, y=50, width=30, height=40)
+    unknown = copy.deepcopy(box)
+    unknown["value"]["rectanglelabels"] = ["Truck"]  # not in the output tags: skipped, not an error
+    task = body["tasks"][0]
+    task["predictions"] = [{"model_version": "detector-v3", "result": [box, other, unknown]}]
+    body["tasks"] = [task, body["tasks"][2]]
+    served.add(body["tasks"][1]["data"]["image"], make_image(64, 48, seed=4))
+
+    first = c.post("/predict", json=body).json["results"]
+    assert len(first) == 2 and all("result" not in r for r in first)  # nothing embedded yet
+    assert services.warmer.join(timeout=60)
+
+    second = c.post("/predict", json=body).json["results"]
+    assert len(second) == 2
+    draft = second[0]
+    assert "result" not in second[1]  # the second task has no boxes: still nothing to draft
+    brushes = [r for r in draft["result"] if r["type"] == "brushlabels"]
+    assert len(brushes) == 2 and all(r["value"]["brushlabels"] == ["Object"] for r in brushes)
+    validate(body, draft)
+    assert metric(c, "sam_encoder_seconds_count") == 2
