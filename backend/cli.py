@@ -1,4 +1,4 @@
-"""sam-backend serve | download | bench click"""
+"""sam-backend serve | download | connect | bench click"""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_connect(args) -> int:
+    from backend.connect import connect
+
+    settings = _settings()
+    url = args.url or f"http://127.0.0.1:{settings.port}"
+    return connect(settings, args.project, url, args.title)
+
+
 def cmd_bench_click(args) -> int:
     from backend.bench import print_click_table, run_click_bench
 
@@ -63,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     download = sub.add_parser("download", help="download the official SAM checkpoint into MODEL_DIR/checkpoints")
     download.add_argument("--model-type", choices=("vit_b", "vit_l", "vit_h"))
     download.set_defaults(func=cmd_download)
+
+    conn = sub.add_parser("connect", help="register this backend with a Label Studio project (idempotent)")
+    conn.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    conn.add_argument("--url", help="the backend's URL as Label Studio reaches it (default http://127.0.0.1:PORT)")
+    conn.add_argument("--title", default="SAM (sam-backend)")
+    conn.set_defaults(func=cmd_connect)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -84,3 +84,26 @@ def parse_label_config(config: str) -> ProjectConfig:
         raise UnservableConfig(f"output tag(s) {', '.join(empty)} have no <Label> children")
     labels = tuple(dict.fromkeys(label for o in outputs for label in o.labels))
     return ProjectConfig(image.name, str(image.value)[1:], prompts, outputs, labels)
+
+
+def smart_tool_problems(config_xml: str) -> list[str]:
+    """What keeps annotators from using the smart tools with this config, each with the fix (empty: fine)."""
+    config = parse_label_config(config_xml)  # raises UnservableConfig with the first blocking problem
+    problems = []
+    if not config.prompt_tags:
+        problems.append(
+            f'no smart tool: add <KeyPointLabels name="kp" toName="{config.image_name}" smart="true"> and/or '
+            f'<RectangleLabels name="box" toName="{config.image_name}" smart="true"> with the same labels as the output tag'
+        )
+    interface = LabelInterface(config_xml)
+    for name in config.prompt_tags:
+        control = interface.get_control(name)
+        if str(control.attr.get("smart", "")).lower() != "true" and str(control.attr.get("smartOnly", "")).lower() != "true":
+            problems.append(f'<{control.tag} name="{name}"> is not a smart tool: add smart="true" to it')
+        for label in control.labels or ():
+            if not any(label in o.labels for o in config.outputs):
+                problems.append(
+                    f"label {label!r} of <{control.tag} name=\"{name}\"> is in no output tag: add "
+                    f"<Label value={label!r}/> to {', '.join(o.name for o in config.outputs)}"
+                )
+    return problems

@@ -1,0 +1,226 @@
+"""End to end through a real Label Studio 1.23.2: projects from label_config/, uploaded and local-files
+images, `sam-backend connect`, interactive clicks, retrieve predictions, webhooks, personal access tokens."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.label_config import parse_label_config
+from backend.rle import rle_to_mask
+from tests.conftest import make_image
+from tests.e2e.conftest import ROOT, BackendServer
+
+CONFIGS = sorted((ROOT / "label_config").glob("*.xml"))
+WIDTH, HEIGHT = 96, 72
+
+
+def create_project(ls, config_path: Path) -> dict:
+    response = ls.api("POST", "/api/projects", json={"title": f"e2e {config_path.stem}",
+                                                     "label_config": config_path.read_text()})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def add_images(ls, project_id: int) -> list[dict]:
+    """One uploaded file and one image from a local-files storage; returns the project's tasks."""
+    upload = ls.api("POST", f"/api/projects/{project_id}/import",
+                    files={"file": ("upload.png", make_image(WIDTH, HEIGHT, seed=project_id), "image/png")})
+    assert upload.status_code == 201, upload.text
+    folder = ls.files_root / f"p{project_id}"
+    folder.mkdir()
+    (folder / "local.png").write_bytes(make_image(WIDTH, HEIGHT, seed=100 + project_id))
+    storage = ls.api("POST", "/api/storages/localfiles", json={"project": project_id, "path": str(folder),
+                                                               "use_blob_urls": True, "title": "local"})
+    assert storage.status_code == 201, storage.text
+    synced = ls.api("POST", f"/api/storages/localfiles/{storage.json()['id']}/sync")
+    assert synced.status_code == 200, synced.text
+    tasks = ls.api("GET", "/api/tasks", params={"project": project_id}).json()["tasks"]
+    assert sorted(t["data"]["image"].split("/")[2] for t in tasks) == ["local-files", "upload"]
+    return tasks
+
+
+def connect(ls, backend: BackendServer, project_id: int) -> int:
+    """`sam-backend connect`, twice: the second run must not add a second backend."""
+    for _ in range(2):
+        result = backend.cli("connect", "--project", str(project_id), "--url", backend.url)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Auto-Annotation" in result.stdout
+    ml = ls.api("GET", "/api/ml", params={"project": project_id}).json()
+    assert len(ml) == 1 and ml[0]["is_interactive"] and ml[0]["auth_method"] == "BASIC_AUTH"
+    assert ml[0]["readable_state"] == "Connected"
+    return ml[0]["id"]
+
+
+def prompt_contexts(config_xml: str) -> list[tuple[str, dict]]:
+    """A positive + negative keypoint context and a box context, with the first label of each smart tag."""
+    config = parse_label_config(config_xml)
+    interface = LabelInterface(config_xml)
+    contexts = []
+    for name in config.prompt_tags:
+        control = interface.get_control(name)
+        label = control.labels[0]
+        base = {"original_width": WIDTH, "original_height": HEIGHT, "image_rotation": 0, "from_name": name,
+                "to_name": config.image_name, "origin": "manual"}
+        if control.tag == "KeyPointLabels":
+            regions = [
+                dict(base, id="kpos", type="keypointlabels", is_positive=True,
+                     value={"x": 40.0, "y": 45.0, "width": 0.6, "keypointlabels": [label]}),
+                dict(base, id="kneg", type="keypointlabels", is_positive=False,
+                     value={"x": 80.0, "y": 80.0, "width": 0.6, "keypointlabels": [label]}),
+            ]
+        else:
+            regions = [dict(base, id="box1", type="rectanglelabels",
+                            value={"x": 20.0, "y": 25.0, "width": 40.0, "height": 40.0, "rotation": 0,
+                                   "rectanglelabels": [label]})]
+        contexts.append((label, {"result": regions}))
+    return contexts
+
+
+def check_regions(config_xml: str, regions: list[dict], label: str) -> None:
+    assert regions, "no region came back"
+    interface = LabelInterface(config_xml)
+    errors = interface.validate_prediction({"result": regions, "score": 0.5}, return_errors=True)
+    assert errors in (True, [], None), errors
+    for region in regions:
+        assert (region["original_width"], region["original_height"]) == (WIDTH, HEIGHT)
+        if region["type"] == "brushlabels":
+            assert region["value"]["brushlabels"] == [label]
+            mask = rle_to_mask(region["value"]["rle"], HEIGHT, WIDTH)
+            assert mask.shape == (HEIGHT, WIDTH)
+        else:
+            assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"] == [label]
+            points = np.array(region["value"]["points"])
+            assert points.shape[0] >= 3 and points.min() >= 0 and points.max() <= 100
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
+def test_clicks_in_label_studio_come_back_as_masks(label_studio, backend, config_path):
+    project = create_project(label_studio, config_path)
+    tasks = add_images(label_studio, project["id"])
+    ml_id = connect(label_studio, backend, project["id"])
+    config_xml = config_path.read_text()
+    for task in tasks:
+        for label, context in prompt_contexts(config_xml):
+            response = label_studio.api("POST", f"/api/ml/{ml_id}/interactive-annotating",
+                                        json={"task": task["id"], "context": context})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert "errors" not in body or not body["errors"], body
+            check_regions(config_xml, body["data"]["result"], label)
+
+
+def test_retrieve_predictions_stores_one_draft_per_task(label_studio, backend):
+    """Tasks imported with a detector's boxes get one SAM mask per box, stored by Label Studio."""
+    config_path = ROOT / "label_config" / "surface_defects_brush.xml"
+    project = create_project(label_studio, config_path)
+    folder = label_studio.files_root / f"p{project['id']}"
+    folder.mkdir()
+    tasks = []
+    for i in range(3):
+        (folder / f"screen{i}.png").write_bytes(make_image(WIDTH, HEIGHT, seed=200 + i))
+        box = {"from_name": "box", "to_name": "image", "type": "rectanglelabels",
+               "original_width": WIDTH, "original_height": HEIGHT, "image_rotation": 0,
+               "value": {"x": 10.0 + 10 * i, "y": 20.0, "width": 30.0, "height": 30.0, "rotation": 0,
+                         "rectanglelabels": ["Scratch" if i % 2 else "Pit"]}}
+        tasks.append({"data": {"image": f"/data/local-files/?d=p{project['id']}/screen{i}.png"},
+                      "predictions": [{"model_version": "detector-v1", "result": [box]}]})
+    # Label Studio serves /data/local-files/ only below a local storage's path (not synced: tasks come from JSON)
+    storage = label_studio.api("POST", "/api/storages/localfiles", json={"project": project["id"], "path": str(folder),
+                                                                         "use_blob_urls": True, "title": "screens"})
+    assert storage.status_code == 201, storage.text
+    imported = label_studio.api("POST", f"/api/projects/{project['id']}/import", json=tasks)
+    assert imported.status_code == 201, imported.text
+    connect(label_studio, backend, project["id"])
+    model_version = label_studio.api("GET", "/api/ml", params={"project": project["id"]}).json()[0]["model_version"]
+    assert model_version.startswith("sam-")
+
+    def ours() -> dict[int, list]:
+        found: dict[int, list] = {}
+        for task in label_studio.api("GET", "/api/tasks", params={"project": project["id"], "fields": "all"}).json()["tasks"]:
+            preds = label_studio.api("GET", "/api/predictions", params={"task": task["id"]}).json()
+            found[task["id"]] = [p for p in preds if p["model_version"] == model_version]
+        return found
+
+    # the first retrieve warms the images; a later one drafts them (the images are tiny here)
+    deadline = time.monotonic() + 120
+    while True:
+        action = label_studio.api("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions",
+                                                                      "project": project["id"]},
+                                  json={"selectedItems": {"all": True, "excluded": []}})
+        assert action.status_code == 200, action.text
+        drafts = ours()
+        if all(drafts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert len(drafts) == 3
+    interface = LabelInterface(config_path.read_text())
+    for task_id, predictions in drafts.items():
+        assert len(predictions) == 1, (task_id, predictions)  # exactly one, never an empty one before it
+        result = predictions[0]["result"]
+        assert len(result) == 1 and result[0]["type"] == "brushlabels"
+        assert interface.validate_prediction({"result": result, "score": predictions[0]["score"]},
+                                             return_errors=True) in (True, [], None)
+    labels = sorted(p[0]["result"][0]["value"]["brushlabels"][0] for p in drafts.values())
+    assert labels == ["Pit", "Pit", "Scratch"]  # each mask has its box's label
+
+
+def test_submitted_annotation_reaches_the_webhook_and_is_acknowledged(label_studio, backend):
+    project = create_project(label_studio, ROOT / "label_config" / "single_object_polygon.xml")
+    tasks = add_images(label_studio, project["id"])
+    connect(label_studio, backend, project["id"])
+    before = backend.metric('sam_webhooks_total{action="ANNOTATION_CREATED"}')
+    polygon = {"from_name": "poly", "to_name": "image", "type": "polygonlabels", "original_width": WIDTH,
+               "original_height": HEIGHT, "image_rotation": 0,
+               "value": {"points": [[10, 10], [50, 10], [50, 50]], "closed": True, "polygonlabels": ["Object"]}}
+    created = label_studio.api("POST", f"/api/tasks/{tasks[0]['id']}/annotations", json={"result": [polygon]})
+    assert created.status_code == 201, created.text
+    deadline = time.monotonic() + 30
+    while backend.metric('sam_webhooks_total{action="ANNOTATION_CREATED"}') <= before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert backend.metric('sam_webhooks_total{action="ANNOTATION_CREATED"}') == before + 1
+    # answered 200 inside Label Studio's 1 s webhook timeout: no training runs inline
+    ok = backend.metric('sam_request_seconds_count{route="/webhook",status="200"}')
+    within = backend.metric('sam_request_seconds_bucket{le="1.0",route="/webhook",status="200"}')
+    assert ok >= 1 and within == ok
+
+
+def test_images_download_with_a_personal_access_token_when_legacy_tokens_are_off(
+    label_studio, tiny_checkpoint, redis_server, tmp_path
+):
+    """Runs last in this module: it turns legacy tokens off for the organisation, then back on."""
+    config_path = ROOT / "label_config" / "brush_and_polygon.xml"
+    project = create_project(label_studio, config_path)
+    tasks = add_images(label_studio, project["id"])
+    pat = label_studio.api("POST", "/api/token/").json()["token"]
+    refreshed = label_studio.api("POST", "/api/token/refresh/", json={"refresh": pat}, auth="")
+    bearer = f"Bearer {refreshed.json()['access']}"
+    settings = label_studio.api("GET", "/api/jwt/settings").json()
+    off = label_studio.api("POST", "/api/jwt/settings", json=dict(settings, legacy_api_tokens_enabled=False))
+    assert off.status_code in (200, 201), off.text
+    try:
+        upload_url = next(t["data"]["image"] for t in tasks if "/upload/" in t["data"]["image"])
+        assert label_studio.api("GET", upload_url).status_code == 401  # the legacy token is really off
+
+        backend = BackendServer(tmp_path, tiny_checkpoint, redis_server.url, label_studio.url, pat)
+        try:
+            ml = label_studio.api("POST", "/api/ml", auth=bearer, json={
+                "project": project["id"], "url": backend.url, "is_interactive": True, "title": "SAM (PAT)",
+                "auth_method": "BASIC_AUTH", "basic_auth_user": backend.env["BASIC_AUTH_USER"],
+                "basic_auth_pass": backend.env["BASIC_AUTH_PASS"]})
+            assert ml.status_code == 201, ml.text
+            label, context = prompt_contexts(config_path.read_text())[0]
+            for task in tasks:
+                response = label_studio.api("POST", f"/api/ml/{ml.json()['id']}/interactive-annotating",
+                                            auth=bearer, json={"task": task["id"], "context": context})
+                assert response.status_code == 200, response.text
+                check_regions(config_path.read_text(), response.json()["data"]["result"], label)
+            assert backend.metric("sam_image_fetch_seconds_count") == 2  # both images downloaded with the PAT
+        finally:
+            backend.stop()
+    finally:
+        label_studio.api("POST", "/api/jwt/settings", auth=bearer, json=dict(settings, legacy_api_tokens_enabled=True))
