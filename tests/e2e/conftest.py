@@ -130,9 +130,20 @@ class BackendServer:
         self.log.close()
 
 
+TIMINGS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_line(
+            "e2e timings: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in TIMINGS.items())
+        )
+
+
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
     server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"))
+    TIMINGS["Label Studio start"] = server.start_seconds
     yield server
     server.stop()
 
@@ -141,5 +152,6 @@ def label_studio(tmp_path_factory):
 def backend(label_studio, tiny_checkpoint, redis_server, tmp_path_factory):
     server = BackendServer(tmp_path_factory.mktemp("backend"), tiny_checkpoint, redis_server.url,
                            label_studio.url, label_studio.token)
+    TIMINGS["backend start"] = time.monotonic() - server.started
     yield server
     server.stop()

@@ -13,7 +13,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from backend.label_config import parse_label_config
 from backend.rle import rle_to_mask
 from tests.conftest import make_image
-from tests.e2e.conftest import ROOT, BackendServer
+from tests.e2e.conftest import ROOT, TIMINGS, BackendServer
 
 CONFIGS = sorted((ROOT / "label_config").glob("*.xml"))
 WIDTH, HEIGHT = 96, 72
@@ -112,6 +112,8 @@ def test_clicks_in_label_studio_come_back_as_masks(label_studio, backend, config
             body = response.json()
             assert "errors" not in body or not body["errors"], body
             check_regions(config_xml, body["data"]["result"], label)
+            # from the first process start (Label Studio's) to the first mask shown to an annotator
+            TIMINGS.setdefault("start to first mask", time.monotonic() - label_studio.started)
 
 
 def test_retrieve_predictions_stores_one_draft_per_task(label_studio, backend):
