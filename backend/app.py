@@ -16,7 +16,8 @@ from backend.errors import BackendError, InvalidRequest, Unauthorized
 from backend.images import ImageFetcher
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
-from backend.predict import Embedder, Predictor, Timings, Warmer
+from backend.jobs import enqueue_warm
+from backend.predict import Embedder, Predictor, Timings
 from backend.protocol import parse_predict
 from backend.settings import Settings
 
@@ -33,7 +34,6 @@ class Services:
     cache: EmbeddingCache
     fetcher: ImageFetcher
     embedder: Embedder
-    warmer: Warmer
     predictor: Predictor
     redis: redis.Redis | None
 
@@ -52,9 +52,44 @@ class Services:
         )
         fetcher = ImageFetcher(settings)
         embedder = Embedder(settings, loader, cache, fetcher, metrics)
-        warmer = Warmer(embedder, metrics)
-        predictor = Predictor(settings, loader, embedder, warmer, metrics)
-        return cls(settings, metrics, loader, cache, fetcher, embedder, warmer, predictor, client)
+
+        def warm(urls: list[str]) -> int:
+            if client is None:
+                log.info("not warming %d images: background embedding needs REDIS_URL and a worker", len(urls))
+                return 0
+            try:
+                return enqueue_warm(client, loader.model_id, urls)
+            except redis.RedisError as exc:
+                metrics.redis_errors.inc()
+                log.warning("could not queue %d images for embedding: %s", len(urls), exc)
+                return 0
+
+        predictor = Predictor(settings, loader, embedder, metrics, warm)
+        return cls(settings, metrics, loader, cache, fetcher, embedder, predictor, client)
+
+    def share_setup(self, hostname: str, token: str) -> None:
+        """Other workers and machines did not see this /setup: leave it in Redis for them."""
+        self.fetcher.remember_setup(hostname, token)
+        if self.redis is None:
+            return
+        try:
+            self.redis.hset(_SETUP_KEY, mapping={"hostname": hostname, "access_token": token})
+        except redis.RedisError as exc:
+            self.metrics.redis_errors.inc()
+            log.warning("could not share /setup through Redis: %s", exc)
+
+    def load_shared_setup(self) -> None:
+        """Label Studio's address and token from another worker's /setup, when none is known here."""
+        if self.redis is None or self.fetcher.has_label_studio():
+            return
+        try:
+            shared = self.redis.hgetall(_SETUP_KEY)
+        except redis.RedisError as exc:
+            self.metrics.redis_errors.inc()
+            log.warning("could not read the shared /setup from Redis: %s", exc)
+            return
+        if shared:
+            self.fetcher.remember_setup(shared[b"hostname"].decode(), shared[b"access_token"].decode())
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None, preload: bool = True) -> Flask:
@@ -128,16 +163,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         body = json_body()
         hostname, token = body.get("hostname"), body.get("access_token")
         if isinstance(hostname, str) and isinstance(token, str):
-            services.fetcher.remember_setup(hostname, token)
-            _share_setup(services, hostname, token)
+            services.share_setup(hostname, token)
         return jsonify({"model_version": services.loader.model_version})
 
     @app.post("/predict")
     def predict():
         require_auth()
         parsed = parse_predict(json_body())
-        if not services.fetcher.has_label_studio():
-            _load_shared_setup(services)
+        services.load_shared_setup()
         timings = Timings()
         start = time.perf_counter()
         answer = services.predictor.predict(parsed, timings)
@@ -164,27 +197,3 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return Response(services.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     return app
-
-
-def _share_setup(services: Services, hostname: str, token: str) -> None:
-    """Other gunicorn workers and machines did not see this /setup: leave it in Redis for them."""
-    if services.redis is None:
-        return
-    try:
-        services.redis.hset(_SETUP_KEY, mapping={"hostname": hostname, "access_token": token})
-    except redis.RedisError as exc:
-        services.metrics.redis_errors.inc()
-        log.warning("could not share /setup through Redis: %s", exc)
-
-
-def _load_shared_setup(services: Services) -> None:
-    if services.redis is None:
-        return
-    try:
-        shared = services.redis.hgetall(_SETUP_KEY)
-    except redis.RedisError as exc:
-        services.metrics.redis_errors.inc()
-        log.warning("could not read the shared /setup from Redis: %s", exc)
-        return
-    if shared:
-        services.fetcher.remember_setup(shared[b"hostname"].decode(), shared[b"access_token"].decode())

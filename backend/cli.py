@@ -1,4 +1,4 @@
-"""sam-backend serve | download | connect | bench click"""
+"""sam-backend serve | worker | download | connect | bench click"""
 
 from __future__ import annotations
 
@@ -40,6 +40,15 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from backend.jobs import run_worker
+
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_worker(settings, args.queues.split(","), burst=args.burst)
+    return 0
+
+
 def cmd_connect(args) -> int:
     from backend.connect import connect
 
@@ -71,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     download = sub.add_parser("download", help="download the official SAM checkpoint into MODEL_DIR/checkpoints")
     download.add_argument("--model-type", choices=("vit_b", "vit_l", "vit_h"))
     download.set_defaults(func=cmd_download)
+
+    worker = sub.add_parser("worker", help="run an RQ worker that embeds images in the background (needs REDIS_URL)")
+    worker.add_argument("--queues", default="sam-warm", help="comma list of queues (default sam-warm)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.set_defaults(func=cmd_worker)
 
     conn = sub.add_parser("connect", help="register this backend with a Label Studio project (idempotent)")
     conn.add_argument("--project", type=int, required=True, help="Label Studio project id")

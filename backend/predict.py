@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
+from typing import Callable
 
 from backend.embeddings import Embedding, EmbeddingCache, content_digest
 from backend.errors import BackendError
-from backend.images import ImageFetcher, decode_image, display_url
+from backend.images import ImageFetcher, decode_image
 from backend.label_config import ProjectConfig, parse_label_config
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
@@ -95,68 +95,16 @@ class Embedder:
             return self._locks[key]
 
 
-class Warmer:
-    """Embeds images in the background so the annotator's first click finds them cached.
-
-    One thread and a bounded queue: encoding is slow and must not starve clicks of CPU.
-    """
-
-    def __init__(self, embedder: Embedder, metrics: Metrics, max_pending: int = 1000):
-        self.embedder = embedder
-        self.metrics = metrics
-        self._queue: queue.Queue[str] = queue.Queue(maxsize=max_pending)
-        self._pending: set[str] = set()
-        self._guard = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, urls: list[str]) -> int:
-        added = 0
-        with self._guard:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="sam-warmer", daemon=True)
-                self._thread.start()
-            for url in urls:
-                if url in self._pending:
-                    continue
-                try:
-                    self._queue.put_nowait(url)
-                except queue.Full:
-                    self.metrics.warm_jobs.labels("dropped").inc()
-                    break
-                self._pending.add(url)
-                added += 1
-        return added
-
-    def join(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._guard:
-                if not self._pending:
-                    return True
-            time.sleep(0.05)
-        return False
-
-    def _run(self) -> None:
-        while True:
-            url = self._queue.get()
-            try:
-                self.embedder.for_url(url)
-                self.metrics.warm_jobs.labels("done").inc()
-            except BackendError as exc:
-                self.metrics.warm_jobs.labels("failed").inc()
-                log.warning("warming %s failed: %s", display_url(url), exc.message)
-            finally:
-                with self._guard:
-                    self._pending.discard(url)
-
-
 class Predictor:
-    def __init__(self, settings: Settings, loader: ModelLoader, embedder: Embedder, warmer: Warmer, metrics: Metrics):
+    def __init__(
+        self, settings: Settings, loader: ModelLoader, embedder: Embedder, metrics: Metrics,
+        warm: Callable[[list[str]], int],
+    ):
         self.settings = settings
         self.loader = loader
         self.embedder = embedder
-        self.warmer = warmer
         self.metrics = metrics
+        self.warm = warm  # queues background embedding of image URLs
 
     def predict(self, request: PredictRequest, timings: Timings) -> dict:
         config = parse_label_config(request.label_config)
@@ -198,7 +146,7 @@ class Predictor:
                 continue
             answers.append(self._draft_from_boxes(embedding, boxes, config, timings))
         if self.settings.warm_on_batch_predict and to_warm:
-            self.warmer.submit(to_warm)
+            self.metrics.warm_jobs.labels("queued").inc(self.warm(to_warm))
         return answers
 
     def _pending(self, reason: str) -> dict:

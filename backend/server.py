@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 from gunicorn.app.base import BaseApplication
 
@@ -67,11 +69,28 @@ def serve(settings: Settings) -> int:
         embedded = EmbeddedRedis(settings.model_dir / "redis", settings.embedded_redis_maxmemory)
         embedded.start()
         os.environ["REDIS_URL"] = embedded.url
+    # encoders run in RQ workers, not in the processes answering clicks
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=os.environ.copy())
+        for _ in range(settings.warm_workers)
+    ]
     try:
-        log.info("serving SAM on http://%s:%d (%d workers x %d threads)", settings.host, settings.port,
-                 settings.workers, settings.threads)
+        log.info("serving SAM on http://%s:%d (%d workers x %d threads, %d embedding workers)", settings.host,
+                 settings.port, settings.workers, settings.threads, len(workers))
         GunicornApp(gunicorn_options(settings)).run()
     finally:
+        for worker in workers:
+            stop_process(worker)
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

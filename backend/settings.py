@@ -17,7 +17,7 @@ ENV_VARS = (
     "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "MODEL_DIR", "LOG_LEVEL", "HOST", "PORT", "WORKERS", "THREADS",
     "TORCH_THREADS", "ALLOWED_IMAGE_HOSTS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "IMAGE_TIMEOUT",
     "EMBEDDING_TTL", "EMBEDDING_LRU_SIZE", "URL_DIGEST_TTL", "OUTPUT_TYPE", "POLYGON_TOLERANCE",
-    "POLYGON_MIN_AREA", "WARM_ON_BATCH_PREDICT", "EMBEDDED_REDIS_MAXMEMORY",
+    "POLYGON_MIN_AREA", "WARM_ON_BATCH_PREDICT", "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
 )
 
 
@@ -54,6 +54,7 @@ class Settings:
     polygon_min_area: int = 100
     warm_on_batch_predict: bool = True
     embedded_redis_maxmemory: str = "2gb"
+    warm_workers: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -135,6 +136,7 @@ class Settings:
             polygon_min_area=number("POLYGON_MIN_AREA", d.polygon_min_area, minimum=0),
             warm_on_batch_predict=flag("WARM_ON_BATCH_PREDICT", d.warm_on_batch_predict),
             embedded_redis_maxmemory=text("EMBEDDED_REDIS_MAXMEMORY", d.embedded_redis_maxmemory),
+            warm_workers=number("WARM_WORKERS", d.warm_workers, minimum=0),
         )
 
     @property

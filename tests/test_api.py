@@ -12,6 +12,7 @@ import redis
 from label_studio_sdk.label_interface import LabelInterface
 from werkzeug.serving import make_server
 
+from backend import jobs
 from backend.app import create_app
 from backend.embeddings import EmbeddingCache
 from backend.rle import rle_to_mask
@@ -34,6 +35,11 @@ def rect_body() -> dict:
 def with_image(body: dict, url: str) -> dict:
     body["tasks"][0]["data"]["image"] = url
     return body
+
+
+def run_warm_worker(settings) -> None:
+    """A real RQ worker (the code `sam-backend worker` runs), in burst mode: it empties the queue and returns."""
+    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
 
 
 def metric(client, name: str) -> float:
@@ -164,14 +170,19 @@ def test_batch_predict_returns_one_entry_per_task_in_order_and_warms(client, ser
     assert all(r["model_version"] == services.loader.model_version for r in results)
     # no task carries boxes: no entry has a "result", so Label Studio stores no empty prediction
     assert all("result" not in r for r in results)
-    assert services.warmer.join(timeout=60)
-    # task 1 and 3 warmed into Redis; task 2's host (another port) is not allowed: skipped, logged, counted
-    assert metric(c, 'sam_warm_jobs_total{result="done"}') == 2
-    assert metric(c, 'sam_warm_jobs_total{result="failed"}') == 1
-    assert len(redis.Redis.from_url(settings.redis_url).keys("sam-backend:emb:*")) == 2
+    assert metric(c, 'sam_warm_jobs_total{result="queued"}') == 3
+    # the same batch again while the jobs wait: nothing is queued twice
+    c.post("/predict", json=body)
+    assert metric(c, 'sam_warm_jobs_total{result="queued"}') == 3
+    run_warm_worker(settings)
+    # tasks 1 and 3 warmed into Redis; task 2's host (another port) is not allowed: its job failed
+    store = redis.Redis.from_url(settings.redis_url)
+    assert len(store.keys("sam-backend:emb:*")) == 2
+    failed = jobs.queue(store).failed_job_registry
+    assert failed.count == 1
     click = c.post("/predict", json=keypoint_body())
     assert click.status_code == 200
-    assert metric(c, "sam_encoder_seconds_count") == 2  # the click found its embedding warm
+    assert metric(c, "sam_encoder_seconds_count") == 0  # the worker encoded; the click found it warm
 
 
 def test_basic_auth(settings, make_client, served):
@@ -325,7 +336,7 @@ def test_batch_predict_drafts_one_mask_per_imported_box_once_the_image_is_warm(c
 
     first = c.post("/predict", json=body).json["results"]
     assert len(first) == 2 and all("result" not in r for r in first)  # nothing embedded yet
-    assert services.warmer.join(timeout=60)
+    run_warm_worker(services.settings)
 
     second = c.post("/predict", json=body).json["results"]
     assert len(second) == 2
@@ -334,4 +345,4 @@ def test_batch_predict_drafts_one_mask_per_imported_box_once_the_image_is_warm(c
     brushes = [r for r in draft["result"] if r["type"] == "brushlabels"]
     assert len(brushes) == 2 and all(r["value"]["brushlabels"] == ["Object"] for r in brushes)
     validate(body, draft)
-    assert metric(c, "sam_encoder_seconds_count") == 2
+    assert metric(c, "sam_encoder_seconds_count") == 0  # embedded by the worker, decoded here

@@ -85,3 +85,14 @@ def test_readme_starts_with_the_two_commands():
     assert "pytest" in blocks[1] or ".ci/run" in blocks[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pytest" in ci
+
+
+def test_compose_worker_runs_the_real_worker_command(compose):
+    worker = compose["services"]["worker"]
+    args = build_parser().parse_args(worker["command"][1:])
+    assert worker["command"][0] == "sam-backend" and args.command == "worker"
+    assert set(worker["environment"]) <= set(ENV_VARS)
+    assert worker["environment"]["REDIS_URL"] == compose["services"]["backend"]["environment"]["REDIS_URL"]
+    # the backend leaves embedding to this service instead of starting its own worker
+    assert compose["services"]["backend"]["environment"]["WARM_WORKERS"] == "0"
+    assert worker["build"]["dockerfile_inline"] == compose["services"]["backend"]["build"]["dockerfile_inline"]

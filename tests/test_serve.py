@@ -47,13 +47,28 @@ def test_serve_with_embedded_redis_answers_clicks_from_two_workers(tiny_checkpoi
         assert health["status"] == "UP" and health["model_version"].startswith("sam-custom32x2-")
         socket_path = model_dir / "redis" / "redis.sock"
         assert socket_path.exists()
+        store = redis.Redis(unix_socket_path=str(socket_path))
+        # a batch predict queues the image; the embedding worker `serve` started embeds it
+        batch = protocol_body("predict_batch.json")
+        batch["tasks"] = batch["tasks"][:1]
+        assert requests.post(base + "/predict", json=batch, timeout=30).status_code == 200
+        deadline = time.monotonic() + 120
+        while not store.keys("sam-backend:emb:*") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(store.keys("sam-backend:emb:*")) == 1
         body = protocol_body("predict_interactive_keypointlabels.json")
         answers = [requests.post(base + "/predict", json=body, timeout=120) for _ in range(4)]
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
         assert all(a.json()["results"][0]["result"] for a in answers)
-        # both workers share one embedded Redis: one embedding stored, whatever worker encoded it
-        store = redis.Redis(unix_socket_path=str(socket_path))
+        # both workers share one embedded Redis: still one embedding, nobody encoded it again
         assert len(store.keys("sam-backend:emb:*")) == 1
+        encoded = sum(
+            float(line.rsplit(" ", 1)[1])
+            for _ in range(4)
+            for line in requests.get(base + "/metrics", timeout=10).text.splitlines()
+            if line.startswith("sam_encoder_seconds_count")
+        )
+        assert encoded == 0  # whichever gunicorn worker answered /metrics never ran the encoder
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
