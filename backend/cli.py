@@ -1,4 +1,4 @@
-"""sam-backend serve | worker | download | connect | bench click"""
+"""sam-backend serve | worker | warm | download | connect | bench click"""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_warm(args) -> int:
+    from backend.warm_project import warm_project
+
+    return warm_project(_settings(), args.project, wait=args.wait)
+
+
 def cmd_connect(args) -> int:
     from backend.connect import connect
 
@@ -85,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default="sam-warm", help="comma list of queues (default sam-warm)")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     worker.set_defaults(func=cmd_worker)
+
+    warm = sub.add_parser("warm", help="queue the embedding of every task's image in a project")
+    warm.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    warm.add_argument("--wait", action="store_true", help="show progress until every image is embedded")
+    warm.set_defaults(func=cmd_warm)
 
     conn = sub.add_parser("connect", help="register this backend with a Label Studio project (idempotent)")
     conn.add_argument("--project", type=int, required=True, help="Label Studio project id")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port
+from tests.conftest import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LS_VENV = Path(os.environ.get("LABEL_STUDIO_VENV", ROOT / ".ls-venv"))
@@ -140,7 +140,7 @@ def pytest_terminal_summary(terminalreporter):
         )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
     server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"))
     TIMINGS["Label Studio start"] = server.start_seconds
@@ -148,9 +148,17 @@ def label_studio(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def backend(label_studio, tiny_checkpoint, redis_server, tmp_path_factory):
-    server = BackendServer(tmp_path_factory.mktemp("backend"), tiny_checkpoint, redis_server.url,
+@pytest.fixture(scope="module")
+def e2e_redis(tmp_path_factory):
+    """Redis of its own: the backend's embedding worker must not take other tests' queued jobs."""
+    server = RedisServer(tmp_path_factory.mktemp("e2e-redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tiny_checkpoint, e2e_redis, tmp_path_factory):
+    server = BackendServer(tmp_path_factory.mktemp("backend"), tiny_checkpoint, e2e_redis.url,
                            label_studio.url, label_studio.token)
     TIMINGS["backend start"] = time.monotonic() - server.started
     yield server

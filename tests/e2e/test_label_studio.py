@@ -191,8 +191,30 @@ def test_submitted_annotation_reaches_the_webhook_and_is_acknowledged(label_stud
     assert ok >= 1 and within == ok
 
 
+def test_warm_project_embeds_every_image_before_the_first_click(label_studio, backend):
+    project = create_project(label_studio, ROOT / "label_config" / "brush_and_polygon.xml")
+    tasks = add_images(label_studio, project["id"])
+    ml_id = connect(label_studio, backend, project["id"])
+    result = backend.cli("warm", "--project", str(project["id"]), "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 images, 2 queued" in result.stdout
+    again = backend.cli("warm", "--project", str(project["id"]))
+    assert again.returncode == 0 and "2 images" in again.stdout
+    fetched = backend.metric("sam_image_fetch_seconds_count")
+    encoded = backend.metric("sam_encoder_seconds_count")
+    label, context = prompt_contexts(project["label_config"])[0]
+    for task in tasks:
+        response = label_studio.api("POST", f"/api/ml/{ml_id}/interactive-annotating",
+                                    json={"task": task["id"], "context": context})
+        assert response.status_code == 200, response.text
+        check_regions(project["label_config"], response.json()["data"]["result"], label)
+    # the clicks found both images embedded by the worker: no download, no encoder on the click path
+    assert backend.metric("sam_image_fetch_seconds_count") == fetched
+    assert backend.metric("sam_encoder_seconds_count") == encoded
+
+
 def test_images_download_with_a_personal_access_token_when_legacy_tokens_are_off(
-    label_studio, tiny_checkpoint, redis_server, tmp_path
+    label_studio, tiny_checkpoint, e2e_redis, tmp_path
 ):
     """Runs last in this module: it turns legacy tokens off for the organisation, then back on."""
     config_path = ROOT / "label_config" / "brush_and_polygon.xml"
@@ -208,7 +230,7 @@ def test_images_download_with_a_personal_access_token_when_legacy_tokens_are_off
         upload_url = next(t["data"]["image"] for t in tasks if "/upload/" in t["data"]["image"])
         assert label_studio.api("GET", upload_url).status_code == 401  # the legacy token is really off
 
-        backend = BackendServer(tmp_path, tiny_checkpoint, redis_server.url, label_studio.url, pat)
+        backend = BackendServer(tmp_path, tiny_checkpoint, e2e_redis.url, label_studio.url, pat)
         try:
             ml = label_studio.api("POST", "/api/ml", auth=bearer, json={
                 "project": project["id"], "url": backend.url, "is_interactive": True, "title": "SAM (PAT)",
