@@ -154,7 +154,7 @@ def run_click_bench(args) -> dict:
         port = _free_port()
         env = dict(os.environ, SAM_CHECKPOINT=checkpoint, REDIS_URL=redis_server.url, LABEL_STUDIO_URL=image_base,
                    LABEL_STUDIO_API_KEY=_TOKEN, MODEL_DIR=str(work / "models"), WORKERS="1",
-                   THREADS=str(args.threads), LOG_LEVEL="WARNING", DEVICE=args.device)
+                   THREADS=str(args.threads), LOG_LEVEL="WARNING", DEVICE=args.device, WARM_WORKERS="0")
         proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, start_new_session=True)
         procs.append(proc)
