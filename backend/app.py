@@ -16,7 +16,8 @@ from backend.errors import BackendError, InvalidRequest, Unauthorized
 from backend.images import ImageFetcher
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
-from backend.jobs import enqueue_warm
+from backend.jobs import enqueue_prelabel, enqueue_warm
+from backend.ls_client import LabelStudioApi
 from backend.predict import Embedder, Predictor, Timings
 from backend.protocol import parse_predict
 from backend.settings import Settings
@@ -64,7 +65,18 @@ class Services:
                 log.warning("could not queue %d images for embedding: %s", len(urls), exc)
                 return 0
 
-        predictor = Predictor(settings, loader, embedder, metrics, warm)
+        def queue_drafts(project_id: int, task_ids: list[int]) -> int:
+            if client is None:
+                log.info("not pre-labelling %d tasks: background jobs need REDIS_URL and a worker", len(task_ids))
+                return 0
+            try:
+                return enqueue_prelabel(client, loader.model_version, project_id, task_ids)
+            except redis.RedisError as exc:
+                metrics.redis_errors.inc()
+                log.warning("could not queue %d pre-label jobs: %s", len(task_ids), exc)
+                return 0
+
+        predictor = Predictor(settings, loader, embedder, metrics, warm, queue_drafts)
         return cls(settings, metrics, loader, cache, fetcher, embedder, predictor, client)
 
     def share_setup(self, hostname: str, token: str) -> None:
@@ -77,6 +89,13 @@ class Services:
         except redis.RedisError as exc:
             self.metrics.redis_errors.inc()
             log.warning("could not share /setup through Redis: %s", exc)
+
+    def label_studio_api(self) -> LabelStudioApi:
+        """Label Studio's API with the configured credentials, else those from /setup."""
+        ls = self.fetcher.label_studio()
+        if ls is None:
+            return LabelStudioApi.from_settings(self.settings)  # raises, naming the variables to set
+        return LabelStudioApi(ls.base_url, ls.api_key)
 
     def load_shared_setup(self) -> None:
         """Label Studio's address and token from another worker's /setup, when none is known here."""

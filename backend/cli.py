@@ -1,4 +1,4 @@
-"""sam-backend serve | worker | warm | download | connect | bench click"""
+"""sam-backend serve | worker | warm | prelabel | download | connect | bench click"""
 
 from __future__ import annotations
 
@@ -50,9 +50,15 @@ def cmd_worker(args) -> int:
 
 
 def cmd_warm(args) -> int:
-    from backend.warm_project import warm_project
+    from backend.project_jobs import warm_project
 
     return warm_project(_settings(), args.project, wait=args.wait)
+
+
+def cmd_prelabel(args) -> int:
+    from backend.project_jobs import prelabel_project
+
+    return prelabel_project(_settings(), args.project, wait=args.wait)
 
 
 def cmd_connect(args) -> int:
@@ -88,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(func=cmd_download)
 
     worker = sub.add_parser("worker", help="run an RQ worker that embeds images in the background (needs REDIS_URL)")
-    worker.add_argument("--queues", default="sam-warm", help="comma list of queues (default sam-warm)")
+    worker.add_argument("--queues", default="sam-warm,sam-prelabel",
+                        help="comma list of queues, first served first (default sam-warm,sam-prelabel)")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     worker.set_defaults(func=cmd_worker)
 
@@ -96,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--project", type=int, required=True, help="Label Studio project id")
     warm.add_argument("--wait", action="store_true", help="show progress until every image is embedded")
     warm.set_defaults(func=cmd_warm)
+
+    prelabel = sub.add_parser("prelabel", help="post a draft prediction for every task of a project, through workers")
+    prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    prelabel.add_argument("--wait", action="store_true", help="show progress until every task is drafted")
+    prelabel.set_defaults(func=cmd_prelabel)
 
     conn = sub.add_parser("connect", help="register this backend with a Label Studio project (idempotent)")
     conn.add_argument("--project", type=int, required=True, help="Label Studio project id")

@@ -119,7 +119,7 @@ class ImageFetcher:
     def has_label_studio(self) -> bool:
         return bool(self.settings.label_studio_url) or self._from_setup is not None
 
-    def _label_studio(self) -> LabelStudioAuth | None:
+    def label_studio(self) -> LabelStudioAuth | None:
         if self.settings.label_studio_url:
             if self._configured.api_key or self._from_setup is None:
                 return self._configured
@@ -130,7 +130,7 @@ class ImageFetcher:
 
     def resolve(self, url: str) -> tuple[str, LabelStudioAuth | None]:
         """Absolute URL to download and the Label Studio auth to send with it (None: send no credentials)."""
-        ls = self._label_studio()
+        ls = self.label_studio()
         if url.startswith("/"):
             if ls is None:
                 raise InvalidRequest(

@@ -3,17 +3,24 @@ that enqueued them: any worker on any machine sharing the Redis can run them.
 
 Workers are `SimpleWorker`s: the job runs in the worker process, which loads SAM once and never
 forks after that (forking after CUDA initialisation breaks CUDA).
+
+One job per image (warm) or per task and model version (prelabel), by job id: a second request
+while one is queued or running adds nothing. A running job refreshes a heartbeat key; a job whose
+worker died (SIGKILL, lost machine) stops beating and is queued again by the next request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
+from datetime import datetime, timezone
 
 import redis
-from rq import Queue, SimpleWorker
-from rq.exceptions import DuplicateJobError
+from rq import Queue, SimpleWorker, get_current_job
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from backend.images import display_url
@@ -22,6 +29,10 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 WARM_QUEUE = "sam-warm"
+PRELABEL_QUEUE = "sam-prelabel"
+QUEUES = (WARM_QUEUE, PRELABEL_QUEUE)  # a worker takes embedding jobs first: annotators wait on those
+ALIVE_TTL = 20  # seconds without a heartbeat after which a started job counts as abandoned
+_BEAT_EVERY = 5
 
 
 def queue(connection: redis.Redis, name: str = WARM_QUEUE) -> Queue:
@@ -32,26 +43,97 @@ def warm_job_id(model_id: str, url: str) -> str:
     return f"warm-{model_id}-{hashlib.sha256(url.encode()).hexdigest()[:32]}"
 
 
-def enqueue_warm(connection: redis.Redis, model_id: str, urls: list[str]) -> int:
-    """Queue an embedding job per image URL; an image already queued or running is not queued twice."""
-    q = queue(connection)
-    added = 0
-    for url in dict.fromkeys(urls):
+def prelabel_job_id(model_version: str, task_id: int) -> str:
+    return f"prelabel-{model_version}-{task_id}"
+
+
+def _alive_key(job_id: str) -> str:
+    return f"sam-backend:alive:{job_id}"
+
+
+def abandoned(connection: redis.Redis, job: Job) -> bool:
+    """Started, but its worker stopped beating: the worker died mid-job."""
+    if job.get_status(refresh=True) != JobStatus.STARTED or connection.exists(_alive_key(job.id)):
+        return False
+    started = job.started_at
+    if started is None:
+        return False
+    if started.tzinfo is None:
+        started = started.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - started).total_seconds() > ALIVE_TTL
+
+
+def enqueue_unique(connection: redis.Redis, queue_name: str, func: str, args: tuple, job_id: str,
+                   description: str, timeout: int = 1800) -> str:
+    """Queue a job unless the same one is queued or running. Returns "queued", "requeued" or "waiting".
+
+    A failed, stopped or abandoned job with that id is replaced: that is how a job lost to a dead
+    worker is retried.
+    """
+    q = queue(connection, queue_name)
+    for attempt in range(2):
         try:
-            q.enqueue_call(
-                "backend.jobs.warm_image",
-                args=(url,),
-                job_id=warm_job_id(model_id, url),
-                unique=True,
-                timeout=1800,  # vit_h on a slow CPU
-                result_ttl=0,  # done: forget it, so a later eviction can queue it again
-                failure_ttl=600,  # failed: keep it visible for a while, then allow a retry
-                description=f"embed {display_url(url)}",
-            )
-            added += 1
+            q.enqueue_call(func, args=args, job_id=job_id, unique=True, timeout=timeout,
+                           result_ttl=0,  # done: forget it; the result lives in the cache or in Label Studio
+                           failure_ttl=24 * 3600, description=description)
+            return "queued" if attempt == 0 else "requeued"
         except DuplicateJobError:
-            continue
-    return added
+            try:
+                job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+            except NoSuchJobError:
+                continue  # finished between the two calls
+            status = job.get_status(refresh=True)
+            if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED) or abandoned(connection, job):
+                log.info("replacing %s job %s", status, job_id)
+                job.delete()
+                continue
+            return "waiting"
+    return "waiting"
+
+
+def enqueue_warm(connection: redis.Redis, model_id: str, urls: list[str]) -> int:
+    """Queue an embedding job per image URL. Returns how many were queued now."""
+    states = [
+        enqueue_unique(connection, WARM_QUEUE, "backend.jobs.warm_image", (url,), warm_job_id(model_id, url),
+                       f"embed {display_url(url)}")
+        for url in dict.fromkeys(urls)
+    ]
+    return sum(state != "waiting" for state in states)
+
+
+def enqueue_prelabel(connection: redis.Redis, model_version: str, project_id: int, task_ids: list[int]) -> int:
+    states = [
+        enqueue_unique(connection, PRELABEL_QUEUE, "backend.jobs.prelabel_task", (project_id, task_id),
+                       prelabel_job_id(model_version, task_id), f"pre-label task {task_id} of project {project_id}")
+        for task_id in dict.fromkeys(task_ids)
+    ]
+    return sum(state != "waiting" for state in states)
+
+
+@contextlib.contextmanager
+def heartbeat(connection: redis.Redis | None):
+    """Refresh this job's alive key while it runs (SimpleWorker sends no heartbeat of its own mid-job)."""
+    job = get_current_job()
+    if job is None or connection is None:
+        yield
+        return
+    key, stop = _alive_key(job.id), threading.Event()
+    connection.set(key, 1, ex=ALIVE_TTL)
+
+    def beat():
+        while not stop.wait(_BEAT_EVERY):
+            try:
+                connection.set(key, 1, ex=ALIVE_TTL)
+            except redis.RedisError as exc:
+                log.warning("heartbeat for %s failed: %s", job.id, exc)
+
+    thread = threading.Thread(target=beat, name=f"beat-{job.id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        connection.delete(key)
 
 
 # ---------------------------------------------------------------- worker side
@@ -77,10 +159,32 @@ def _services():
 
 def warm_image(url: str) -> dict:
     services = _services()
-    services.load_shared_setup()
-    embedding = services.embedder.for_url(url)
+    with heartbeat(services.redis):
+        services.load_shared_setup()
+        embedding = services.embedder.for_url(url)
     height, width = embedding.original_size
     return {"width": width, "height": height}
+
+
+def prelabel_task(project_id: int, task_id: int) -> dict:
+    """Post a draft prediction for one task, unless it already has one of this model version."""
+    from backend.label_config import parse_label_config
+    from backend.predict import Timings
+    from backend.protocol import task_image_url
+
+    services = _services()
+    with heartbeat(services.redis):
+        services.load_shared_setup()
+        api = services.label_studio_api()
+        version = services.loader.model_version
+        task = api.task(task_id)
+        if any(p.get("model_version") == version for p in task["predictions"]):
+            return {"task": task_id, "skipped": "already has a draft of this model version"}
+        config = parse_label_config(api.label_config(project_id))
+        embedding = services.embedder.for_url(task_image_url(task, config))
+        draft = services.predictor.draft(task, embedding, config, Timings())
+        prediction = api.create_prediction(task_id, draft["result"], draft["score"], version)
+    return {"task": task_id, "prediction": prediction, "regions": len(draft["result"])}
 
 
 def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> bool:

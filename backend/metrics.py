@@ -27,7 +27,8 @@ class Metrics:
         )
         self.image_fetch = Histogram("sam_image_fetch_seconds", "Image download time", registry=r, buckets=_FAST)
         self.webhooks = Counter("sam_webhooks", "Webhooks received by action", ["action"], registry=r)
-        self.warm_jobs = Counter("sam_warm_jobs", "Background embedding warm-ups by result", ["result"], registry=r)
+        self.warm_jobs = Counter("sam_warm_jobs", "Background embedding jobs by state", ["result"], registry=r)
+        self.prelabel_jobs = Counter("sam_prelabel_jobs", "Pre-label jobs by state", ["result"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

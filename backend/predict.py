@@ -14,9 +14,10 @@ from backend.images import ImageFetcher, decode_image
 from backend.label_config import ProjectConfig, parse_label_config
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
-from backend.protocol import PredictRequest, parse_click, task_boxes, task_image_url
+from backend.protocol import PredictRequest, parse_click, project_number, task_boxes, task_image_url
 from backend.results import brush_region, polygon_regions
 from backend.settings import Settings
+from model.automatic import AutomaticConfig, segment_everything
 from model.masks import logits_at_input
 from model.prompts import to_model
 
@@ -98,18 +99,19 @@ class Embedder:
 class Predictor:
     def __init__(
         self, settings: Settings, loader: ModelLoader, embedder: Embedder, metrics: Metrics,
-        warm: Callable[[list[str]], int],
+        warm: Callable[[list[str]], int], queue_drafts: Callable[[int, list[int]], int],
     ):
         self.settings = settings
         self.loader = loader
         self.embedder = embedder
         self.metrics = metrics
         self.warm = warm  # queues background embedding of image URLs
+        self.queue_drafts = queue_drafts  # queues pre-label jobs for (project id, task ids)
 
     def predict(self, request: PredictRequest, timings: Timings) -> dict:
         config = parse_label_config(request.label_config)
         if request.context is None:
-            return {"results": self._batch(request.tasks, config, timings)}
+            return {"results": self._batch(request, config)}
         return {"results": [self._click(request.tasks[0], request.context, config, timings)]}
 
     def _click(self, task: dict, context: list, config: ProjectConfig, timings: Timings) -> dict:
@@ -122,35 +124,29 @@ class Predictor:
         regions, score = self._segment(embedding, click.prompt, label, outputs, config, timings)
         return {"result": regions, "score": score, "model_version": self.loader.model_version}
 
-    def _batch(self, tasks: list[dict], config: ProjectConfig, timings: Timings) -> list[dict]:
+    def _batch(self, request: PredictRequest, config: ProjectConfig) -> list[dict]:
         """One entry per task, in task order (Label Studio drops the whole answer otherwise).
 
-        Tasks that carry boxes (imported predictions or annotations) and whose image is already
-        embedded get one mask per box now. The others are warmed in the background; their entry
-        has no "result", which Label Studio skips without storing an empty prediction (an empty one
-        would stop it from asking again for this model version).
+        Drafts take seconds to minutes on a CPU, so none is made here: each task gets a pre-label
+        job (sam-prelabel queue) that embeds the image, drafts it and posts the prediction to Label
+        Studio itself. The entries carry no "result": Label Studio skips them without storing an
+        empty prediction, which would stop it from asking again for this model version.
         """
-        answers, to_warm = [], []
-        for task in tasks:
-            try:
-                url = task_image_url(task, config)
-            except BackendError as exc:
-                log.warning("no draft for task %s: %s", task.get("id"), exc.message)
-                answers.append(self._pending("task has no image"))
-                continue
-            boxes = task_boxes(task, config)
-            embedding = self.embedder.cached(url) if boxes else None
-            if embedding is None:
-                to_warm.append(url)
-                answers.append(self._pending("image not embedded yet" if boxes else "no boxes to prompt with"))
-                continue
-            answers.append(self._draft_from_boxes(embedding, boxes, config, timings))
-        if self.settings.warm_on_batch_predict and to_warm:
-            self.metrics.warm_jobs.labels("queued").inc(self.warm(to_warm))
-        return answers
-
-    def _pending(self, reason: str) -> dict:
-        return {"model_version": self.loader.model_version, "score": 0.0, "status": reason}
+        if self.settings.prelabel_on_predict:
+            project_id = project_number(request.project)
+            task_ids = [t["id"] for t in request.tasks if isinstance(t.get("id"), int)]
+            if project_id is not None and task_ids:
+                self.metrics.prelabel_jobs.labels("queued").inc(self.queue_drafts(project_id, task_ids))
+            else:
+                urls = []
+                for task in request.tasks:
+                    try:
+                        urls.append(task_image_url(task, config))
+                    except BackendError as exc:
+                        log.warning("not warming task %s: %s", task.get("id"), exc.message)
+                self.metrics.warm_jobs.labels("queued").inc(self.warm(urls))
+        pending = {"model_version": self.loader.model_version, "score": 0.0, "status": "draft queued"}
+        return [dict(pending) for _ in request.tasks]
 
     def _draft_from_boxes(self, embedding, boxes: list, config: ProjectConfig, timings: Timings) -> dict:
         regions, scores = [], []
@@ -166,6 +162,24 @@ class Predictor:
         score = sum(scores) / len(scores) if scores else 0.0
         return {"result": regions, "score": score, "model_version": self.loader.model_version}
 
+    def draft(self, task: dict, embedding: Embedding, config: ProjectConfig, timings: Timings) -> dict:
+        """A draft for a whole task: one mask per box it carries, else every object SAM finds."""
+        boxes = task_boxes(task, config)
+        if boxes:
+            return self._draft_from_boxes(embedding, boxes, config, timings)
+        label = self.settings.prelabel_label or config.default_label()
+        outputs = config.outputs_for(label, self.settings.output_type)
+        automatic = AutomaticConfig(points_per_side=self.settings.prelabel_points_per_side,
+                                    min_area_fraction=self.settings.prelabel_min_area / 100)
+        start = time.perf_counter()
+        found = segment_everything(self.loader.get(), embedding.features, embedding.input_size, automatic)
+        timings.add("everything", time.perf_counter() - start)
+        regions = []
+        for obj in found:
+            regions.extend(self._regions(obj.logits, obj.score, label, outputs, config, embedding, timings))
+        score = sum(o.score for o in found) / len(found) if found else 0.0
+        return {"result": regions, "score": min(max(score, 0.0), 1.0), "model_version": self.loader.model_version}
+
     def _segment(self, embedding, prompt, label: str, outputs, config: ProjectConfig, timings: Timings):
         """Decoder, then the mask as every output tag wants it. Returns (regions, score)."""
         model = self.loader.get()
@@ -176,7 +190,9 @@ class Predictor:
         elapsed = time.perf_counter() - start
         timings.add("decode", elapsed)
         self.metrics.decoder.observe(elapsed)
+        return self._regions(logits, score, label, outputs, config, embedding, timings), score
 
+    def _regions(self, logits, score: float, label: str, outputs, config: ProjectConfig, embedding, timings) -> list:
         regions = []
         for tag in outputs:
             start = time.perf_counter()
@@ -192,4 +208,4 @@ class Predictor:
             elapsed = time.perf_counter() - start
             timings.add(tag.kind, elapsed)
             self.metrics.output.labels(tag.kind).observe(elapsed)
-        return regions, score
+        return regions

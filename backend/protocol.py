@@ -51,6 +51,12 @@ def parse_predict(body: Any) -> PredictRequest:
     return PredictRequest(tasks, config, str(project) if project is not None else None, regions)
 
 
+def project_number(project: str | None) -> int | None:
+    """Label Studio sends the project as "<id>.<created timestamp>"."""
+    head = (project or "").split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def task_image_url(task: dict, config: ProjectConfig) -> str:
     data = task.get("data")
     url = data.get(config.image_field) if isinstance(data, dict) else None

@@ -17,7 +17,8 @@ ENV_VARS = (
     "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "MODEL_DIR", "LOG_LEVEL", "HOST", "PORT", "WORKERS", "THREADS",
     "TORCH_THREADS", "ALLOWED_IMAGE_HOSTS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "IMAGE_TIMEOUT",
     "EMBEDDING_TTL", "EMBEDDING_LRU_SIZE", "URL_DIGEST_TTL", "OUTPUT_TYPE", "POLYGON_TOLERANCE",
-    "POLYGON_MIN_AREA", "WARM_ON_BATCH_PREDICT", "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
+    "POLYGON_MIN_AREA", "PRELABEL_ON_PREDICT", "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
+    "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE",
 )
 
 
@@ -52,9 +53,12 @@ class Settings:
     output_type: str = "both"
     polygon_tolerance: float = 1.0
     polygon_min_area: int = 100
-    warm_on_batch_predict: bool = True
+    prelabel_on_predict: bool = True
     embedded_redis_maxmemory: str = "2gb"
     warm_workers: int = 1
+    prelabel_label: str | None = None
+    prelabel_min_area: float = 0.05
+    prelabel_points_per_side: int = 16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -134,9 +138,12 @@ class Settings:
             output_type=output_type,
             polygon_tolerance=number("POLYGON_TOLERANCE", d.polygon_tolerance, kind=float, minimum=0.0),
             polygon_min_area=number("POLYGON_MIN_AREA", d.polygon_min_area, minimum=0),
-            warm_on_batch_predict=flag("WARM_ON_BATCH_PREDICT", d.warm_on_batch_predict),
+            prelabel_on_predict=flag("PRELABEL_ON_PREDICT", d.prelabel_on_predict),
             embedded_redis_maxmemory=text("EMBEDDED_REDIS_MAXMEMORY", d.embedded_redis_maxmemory),
             warm_workers=number("WARM_WORKERS", d.warm_workers, minimum=0),
+            prelabel_label=text("PRELABEL_LABEL", None),
+            prelabel_min_area=number("PRELABEL_MIN_AREA", d.prelabel_min_area, kind=float, minimum=0.0),
+            prelabel_points_per_side=number("PRELABEL_POINTS_PER_SIDE", d.prelabel_points_per_side, minimum=1),
         )
 
     @property

@@ -138,6 +138,7 @@ class ImageServer:
         self.token = TOKEN
         self.pat = fake_jwt({"token_type": "refresh", "exp": int(time.time()) + 86400})
         self.access_tokens: list[str] = []
+        self.delays: dict[str, float] = {}  # path -> seconds to wait before answering (a slow host)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -166,6 +167,10 @@ class ImageServer:
                     self.send_response(401)
                     self.end_headers()
                     return
+                delay = server.delays.get(self.path, 0)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and server.delays.get(self.path):
+                    time.sleep(0.1)
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_response(404)

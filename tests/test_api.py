@@ -158,28 +158,38 @@ def test_redis_outage_never_fails_a_click(settings, make_client, served):
     assert metric(c, "sam_redis_errors_total") >= 1
 
 
-def test_batch_predict_returns_one_entry_per_task_in_order_and_warms(client, served, settings):
+def test_batch_predict_returns_one_entry_per_task_in_order_and_queues_drafts(client, served, settings):
     c, services = client
     body = copy.deepcopy(protocol_body("predict_batch.json"))
-    body["tasks"][2]["data"]["image"] = "/data/upload/1/e13a3064-img_upload.png"
-    served.add("/data/upload/1/e13a3064-img_upload.png", make_image(64, 48, seed=3))
     response = c.post("/predict", json=body)
     assert response.status_code == 200
     results = response.json["results"]
     assert len(results) == len(body["tasks"]) == 3
     assert all(r["model_version"] == services.loader.model_version for r in results)
-    # no task carries boxes: no entry has a "result", so Label Studio stores no empty prediction
+    # no entry has a "result", so Label Studio stores no empty prediction; a job per task drafts it
     assert all("result" not in r for r in results)
-    assert metric(c, 'sam_warm_jobs_total{result="queued"}') == 3
-    # the same batch again while the jobs wait: nothing is queued twice
+    store = redis.Redis.from_url(settings.redis_url)
+    queued = jobs.queue(store, jobs.PRELABEL_QUEUE).job_ids
+    assert sorted(queued) == sorted(jobs.prelabel_job_id(services.loader.model_version, t["id"]) for t in body["tasks"])
+    # the same batch again while the jobs wait (Label Studio calls on every task open): nothing twice
     c.post("/predict", json=body)
+    assert len(jobs.queue(store, jobs.PRELABEL_QUEUE).job_ids) == 3
+    assert metric(c, 'sam_prelabel_jobs_total{result="queued"}') == 3
+
+
+def test_batch_predict_without_a_project_warms_the_images(client, served, settings):
+    c, services = client
+    body = copy.deepcopy(protocol_body("predict_batch.json"))
+    del body["project"]
+    body["tasks"][2]["data"]["image"] = "/data/upload/1/e13a3064-img_upload.png"
+    served.add("/data/upload/1/e13a3064-img_upload.png", make_image(64, 48, seed=3))
+    assert c.post("/predict", json=body).status_code == 200
     assert metric(c, 'sam_warm_jobs_total{result="queued"}') == 3
     run_warm_worker(settings)
     # tasks 1 and 3 warmed into Redis; task 2's host (another port) is not allowed: its job failed
     store = redis.Redis.from_url(settings.redis_url)
     assert len(store.keys("sam-backend:emb:*")) == 2
-    failed = jobs.queue(store).failed_job_registry
-    assert failed.count == 1
+    assert jobs.queue(store).failed_job_registry.count == 1
     click = c.post("/predict", json=keypoint_body())
     assert click.status_code == 200
     assert metric(c, "sam_encoder_seconds_count") == 0  # the worker encoded; the click found it warm
@@ -321,7 +331,10 @@ def test_url_digest_lets_warm_clicks_skip_the_download(client, served):
     assert EmbeddingCache.key(services.loader.model_id, "x").startswith("sam-backend:emb:")
 
 
-def test_batch_predict_drafts_one_mask_per_imported_box_once_the_image_is_warm(client, served):
+def test_draft_has_one_mask_per_imported_box_with_its_label(client, served):
+    from backend.label_config import parse_label_config
+    from backend.predict import Timings
+
     c, services = client
     body = copy.deepcopy(protocol_body("predict_batch.json"))
     box = copy.deepcopy(protocol_body("webhook_annotation_created.json")["annotation"]["result"][0])
@@ -331,18 +344,33 @@ def test_batch_predict_drafts_one_mask_per_imported_box_once_the_image_is_warm(c
     unknown["value"]["rectanglelabels"] = ["Truck"]  # not in the output tags: skipped, not an error
     task = body["tasks"][0]
     task["predictions"] = [{"model_version": "detector-v3", "result": [box, other, unknown]}]
-    body["tasks"] = [task, body["tasks"][2]]
-    served.add(body["tasks"][1]["data"]["image"], make_image(64, 48, seed=4))
-
-    first = c.post("/predict", json=body).json["results"]
-    assert len(first) == 2 and all("result" not in r for r in first)  # nothing embedded yet
-    run_warm_worker(services.settings)
-
-    second = c.post("/predict", json=body).json["results"]
-    assert len(second) == 2
-    draft = second[0]
-    assert "result" not in second[1]  # the second task has no boxes: still nothing to draft
+    config = parse_label_config(body["label_config"])
+    embedding = services.embedder.for_url(task["data"]["image"])
+    draft = services.predictor.draft(task, embedding, config, Timings())
     brushes = [r for r in draft["result"] if r["type"] == "brushlabels"]
     assert len(brushes) == 2 and all(r["value"]["brushlabels"] == ["Object"] for r in brushes)
     validate(body, draft)
-    assert metric(c, "sam_encoder_seconds_count") == 0  # embedded by the worker, decoded here
+
+
+def test_draft_without_boxes_segments_everything_above_the_minimum_area(settings, make_client, served):
+    from backend.label_config import parse_label_config
+    from backend.predict import Timings
+
+    body = copy.deepcopy(protocol_body("predict_batch.json"))
+    config = parse_label_config(body["label_config"])
+    task = body["tasks"][0]
+    # thresholds at zero: the random test SAM's every candidate counts, so objects are found
+    c, services = make_client(settings.replace(prelabel_min_area=0.0, prelabel_points_per_side=4))
+    import model.automatic as automatic
+
+    lenient = automatic.AutomaticConfig(points_per_side=4, pred_iou_thresh=-10, stability_thresh=0,
+                                        min_area_fraction=0.0)
+    embedding = services.embedder.for_url(task["data"]["image"])
+    found = automatic.segment_everything(services.loader.get(), embedding.features, embedding.input_size, lenient)
+    assert found and all(0 < f.area_fraction <= 1 for f in found)
+    draft = services.predictor.draft(task, embedding, config, Timings())
+    assert all(r["value"].get("brushlabels", r["value"].get("polygonlabels")) == ["Object"] for r in draft["result"])
+    validate(body, draft)
+    # an object larger than the whole image cannot exist: a 100 % minimum area leaves nothing
+    c, strict = make_client(settings.replace(prelabel_min_area=100.0, prelabel_points_per_side=4))
+    assert strict.predictor.draft(task, embedding, config, Timings())["result"] == []

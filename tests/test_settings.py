@@ -32,7 +32,7 @@ def test_defaults_from_empty_environment():
     assert s.embedding_ttl == 7 * 24 * 3600
     assert s.polygon_tolerance == 1.0
     assert s.polygon_min_area == 100
-    assert s.warm_on_batch_predict is True
+    assert s.prelabel_on_predict is True
     assert s == Settings()
 
 
@@ -69,7 +69,7 @@ def test_every_variable_is_parsed(tmp_path):
         "OUTPUT_TYPE": "Polygon",
         "POLYGON_TOLERANCE": "0.5",
         "POLYGON_MIN_AREA": "25",
-        "WARM_ON_BATCH_PREDICT": "no",
+        "PRELABEL_ON_PREDICT": "no",
     }
     s = Settings.from_env(env)
     assert s.sam_model_type == "vit_h"
@@ -97,7 +97,7 @@ def test_every_variable_is_parsed(tmp_path):
     assert s.output_type == "polygon"
     assert s.polygon_tolerance == 0.5
     assert s.polygon_min_area == 25
-    assert s.warm_on_batch_predict is False
+    assert s.prelabel_on_predict is False
 
 
 def test_label_studio_url_trailing_slashes_stripped():

@@ -3,6 +3,8 @@ images, `sam-backend connect`, interactive clicks, retrieve predictions, webhook
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -148,7 +150,7 @@ def test_retrieve_predictions_stores_one_draft_per_task(label_studio, backend):
             found[task["id"]] = [p for p in preds if p["model_version"] == model_version]
         return found
 
-    # the first retrieve warms the images; a later one drafts them (the images are tiny here)
+    # a retrieve queues a pre-label job per task; the backend's worker posts the drafts to Label Studio
     deadline = time.monotonic() + 120
     while True:
         action = label_studio.api("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions",
@@ -169,6 +171,82 @@ def test_retrieve_predictions_stores_one_draft_per_task(label_studio, backend):
                                              return_errors=True) in (True, [], None)
     labels = sorted(p[0]["result"][0]["value"]["brushlabels"][0] for p in drafts.values())
     assert labels == ["Pit", "Pit", "Scratch"]  # each mask has its box's label
+
+
+def predictions_by_task(label_studio, project_id: int, model_version: str) -> dict[int, list]:
+    found = {}
+    for task in label_studio.api("GET", "/api/tasks", params={"project": project_id, "page_size": 1000}).json()["tasks"]:
+        preds = label_studio.api("GET", "/api/predictions", params={"task": task["id"]}).json()
+        found[task["id"]] = [p for p in preds if p["model_version"] == model_version]
+    return found
+
+
+def test_prelabel_a_project_with_two_workers_one_killed_mid_run(label_studio, backend):
+    """Every task gets exactly one draft; a SIGKILLed worker loses only its job, which is retried."""
+    config_path = ROOT / "label_config" / "multi_object_polygon.xml"
+    project = create_project(label_studio, config_path)
+    folder = label_studio.files_root / f"p{project['id']}"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"bin{i:02d}.png").write_bytes(make_image(WIDTH, HEIGHT, seed=300 + i))
+    storage = label_studio.api("POST", "/api/storages/localfiles", json={"project": project["id"], "path": str(folder),
+                                                                         "use_blob_urls": True, "title": "bins"})
+    assert label_studio.api("POST", f"/api/storages/localfiles/{storage.json()['id']}/sync").status_code == 200
+    boxed = []
+    for i in range(4):  # tasks that come with a detector's box: one mask per box, with its label
+        name = f"boxed{i}.png"
+        (folder / name).write_bytes(make_image(WIDTH, HEIGHT, seed=400 + i))
+        box = {"from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": WIDTH,
+               "original_height": HEIGHT, "image_rotation": 0,
+               "value": {"x": 20.0, "y": 20.0, "width": 40.0, "height": 40.0, "rotation": 0,
+                         "rectanglelabels": ["Metal"]}}
+        boxed.append({"data": {"image": f"/data/local-files/?d=p{project['id']}/{name}"},
+                      "predictions": [{"model_version": "detector-v1", "result": [box]}]})
+    assert label_studio.api("POST", f"/api/projects/{project['id']}/import", json=boxed).status_code == 201
+    model_version = backend.model_version()
+
+    workers = [backend.worker("--queues", "sam-prelabel") for _ in range(2)]
+    try:
+        started = backend.cli("prelabel", "--project", str(project["id"]))
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "24 tasks, 24 queued" in started.stdout
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = sum(bool(p) for p in predictions_by_task(label_studio, project["id"], model_version).values())
+            if done >= 3:
+                break
+            time.sleep(0.3)
+        os.killpg(workers[0].pid, signal.SIGKILL)  # mid-run: it may hold a job
+        workers[0].wait(timeout=30)
+        finished = backend.cli("prelabel", "--project", str(project["id"]), "--wait")
+        assert finished.returncode == 0, finished.stdout + finished.stderr
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+                worker.wait(timeout=60)
+
+    drafts = predictions_by_task(label_studio, project["id"], model_version)
+    assert len(drafts) == 24
+    assert all(len(p) == 1 for p in drafts.values()), {t: len(p) for t, p in drafts.items() if len(p) != 1}
+    interface = LabelInterface(config_path.read_text())
+    for predictions in drafts.values():
+        result = predictions[0]["result"]
+        assert interface.validate_prediction({"result": result, "score": predictions[0]["score"]},
+                                             return_errors=True) in (True, [], None)
+    labels = {}
+    for task_id, predictions in drafts.items():
+        image = label_studio.api("GET", f"/api/tasks/{task_id}").json()["data"]["image"]
+        labels[image] = {tuple(r["value"]["polygonlabels"]) for r in predictions[0]["result"]}
+    boxed_labels = [found for image, found in labels.items() if "boxed" in image]
+    assert len(boxed_labels) == 4 and any(boxed_labels)
+    assert all(found <= {("Metal",)} for found in boxed_labels)  # the box's label
+    assert all(found <= {("Plastic",)} for image, found in labels.items() if "boxed" not in image)  # default label
+
+    # a rerun drafts nothing twice
+    again = backend.cli("prelabel", "--project", str(project["id"]), "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert predictions_by_task(label_studio, project["id"], model_version) == drafts
 
 
 def test_submitted_annotation_reaches_the_webhook_and_is_acknowledged(label_studio, backend):

@@ -1,0 +1,86 @@
+"""RQ jobs with a real Redis and real workers: one job per image, failures and dead workers retried."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import redis
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from backend import jobs
+from backend.model_loader import ModelLoader
+from tests.conftest import TOKEN, make_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_job_is_queued_once_while_it_waits(redis_url):
+    conn = redis.Redis.from_url(redis_url)
+    args = (jobs.WARM_QUEUE, "backend.jobs.warm_image", ("/data/x.png",), "warm-test-1", "embed x")
+    assert jobs.enqueue_unique(conn, *args) == "queued"
+    assert jobs.enqueue_unique(conn, *args) == "waiting"
+    assert jobs.queue(conn).count == 1
+    job = Job.fetch("warm-test-1", connection=conn, serializer=JSONSerializer)
+    assert job.args == ["/data/x.png"]
+    stored = json.loads(zlib.decompress(conn.hget(job.key, "data")))  # plain JSON: nothing to unpickle
+    assert stored[0] == "backend.jobs.warm_image" and stored[2] == ["/data/x.png"]
+
+
+def test_a_failed_job_is_replaced_on_the_next_request(settings, image_server):
+    conn = redis.Redis.from_url(settings.redis_url)
+    model_id = ModelLoader(settings).model_id
+    assert jobs.enqueue_warm(conn, model_id, ["/data/upload/missing.png"]) == 1
+    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
+    job = Job.fetch(jobs.warm_job_id(model_id, "/data/upload/missing.png"), connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.FAILED
+    assert "404" in job.latest_result().exc_string
+    image_server.add("/data/upload/missing.png", make_image(40, 30))  # the file appears
+    assert jobs.enqueue_warm(conn, model_id, ["/data/upload/missing.png"]) == 1
+    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
+    assert len(conn.keys("sam-backend:emb:*")) == 1
+
+
+def test_a_worker_killed_mid_job_loses_only_that_job_and_it_is_retried(settings, image_server, tmp_path):
+    conn = redis.Redis.from_url(settings.redis_url)
+    url = image_server.add("/data/upload/slow.png", make_image(48, 36))
+    image_server.delays[url] = 120  # the download hangs: the job is mid-way when the worker dies
+    env = dict(os.environ, SAM_CHECKPOINT=settings.sam_checkpoint, REDIS_URL=settings.redis_url,
+               LABEL_STUDIO_URL=settings.label_studio_url, LABEL_STUDIO_API_KEY=TOKEN,
+               MODEL_DIR=str(tmp_path / "models"), DEVICE="cpu", TORCH_THREADS="1")
+    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--queues", jobs.WARM_QUEUE],
+                              cwd=ROOT, env=env)
+    model_id = ModelLoader(settings).model_id
+    job_id = jobs.warm_job_id(model_id, url)
+    try:
+        assert jobs.enqueue_warm(conn, model_id, [url]) == 1
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+            if job.get_status(refresh=True) == JobStatus.STARTED and conn.exists(f"sam-backend:alive:{job_id}"):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the worker never started the job")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    # right after the kill the job still looks alive: asking again adds nothing
+    assert jobs.enqueue_warm(conn, model_id, [url]) == 0
+    time.sleep(jobs.ALIVE_TTL + 1)
+    assert jobs.abandoned(conn, Job.fetch(job_id, connection=conn, serializer=JSONSerializer))
+    image_server.delays.clear()
+    assert jobs.enqueue_warm(conn, model_id, [url]) == 1  # queued again, once
+    assert jobs.queue(conn).count == 1
+    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
+    assert len(conn.keys("sam-backend:emb:*")) == 1
+    assert not conn.exists(f"rq:job:{job_id}")  # done and forgotten
