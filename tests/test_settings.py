@@ -148,7 +148,7 @@ def test_valid_output_types(output_type):
         ({"LABEL_STUDIO_URL": "http://"}, "LABEL_STUDIO_URL"),
         ({"BASIC_AUTH_USER": "ml"}, "BASIC_AUTH_USER"),
         ({"BASIC_AUTH_PASS": "s3cret"}, "BASIC_AUTH_PASS"),
-        ({"WARM_ON_BATCH_PREDICT": "maybe"}, "WARM_ON_BATCH_PREDICT"),
+        ({"PRELABEL_ON_PREDICT": "maybe"}, "PRELABEL_ON_PREDICT"),
     ],
 )
 def test_bad_values_name_the_variable(env, name):
