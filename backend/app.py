@@ -16,7 +16,7 @@ from backend.errors import BackendError, InvalidRequest, Unauthorized
 from backend.images import ImageFetcher
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
-from backend.jobs import enqueue_prelabel, enqueue_warm
+from backend.jobs import enqueue_prelabel, enqueue_warm, job_counts
 from backend.ls_client import LabelStudioApi
 from backend.predict import Embedder, Predictor, Timings
 from backend.protocol import parse_predict
@@ -77,6 +77,8 @@ class Services:
                 return 0
 
         predictor = Predictor(settings, loader, embedder, metrics, warm, queue_drafts)
+        if client is not None:
+            metrics.watch_queues(lambda: job_counts(client))
         return cls(settings, metrics, loader, cache, fetcher, embedder, predictor, client)
 
     def share_setup(self, hostname: str, token: str) -> None:

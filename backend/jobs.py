@@ -110,6 +110,20 @@ def enqueue_prelabel(connection: redis.Redis, model_version: str, project_id: in
     return sum(state != "waiting" for state in states)
 
 
+def job_counts(connection: redis.Redis) -> dict[str, dict[str, int]]:
+    """Jobs per queue: queued, running, failed, done (since the Redis was created)."""
+    try:
+        counts = {}
+        for name in QUEUES:
+            q = queue(connection, name)
+            counts[name] = {"queued": q.count, "running": q.started_job_registry.count,
+                            "failed": q.failed_job_registry.count, "done": done_count(connection, name)}
+        return counts
+    except redis.RedisError as exc:
+        log.warning("cannot read job counts from Redis: %s", exc)
+        return {}
+
+
 @contextlib.contextmanager
 def heartbeat(connection: redis.Redis | None):
     """Refresh this job's alive key while it runs (SimpleWorker sends no heartbeat of its own mid-job)."""
@@ -157,11 +171,22 @@ def _services():
     return _context
 
 
+def _count_done(connection: redis.Redis | None, queue_name: str) -> None:
+    """Finished jobs are deleted at once (result_ttl=0): keep a count for /metrics and progress."""
+    if connection is not None:
+        connection.incr(f"sam-backend:done:{queue_name}")
+
+
+def done_count(connection: redis.Redis, queue_name: str) -> int:
+    return int(connection.get(f"sam-backend:done:{queue_name}") or 0)
+
+
 def warm_image(url: str) -> dict:
     services = _services()
     with heartbeat(services.redis):
         services.load_shared_setup()
         embedding = services.embedder.for_url(url)
+    _count_done(services.redis, WARM_QUEUE)
     height, width = embedding.original_size
     return {"width": width, "height": height}
 
@@ -179,11 +204,13 @@ def prelabel_task(project_id: int, task_id: int) -> dict:
         version = services.loader.model_version
         task = api.task(task_id)
         if any(p.get("model_version") == version for p in task["predictions"]):
+            _count_done(services.redis, PRELABEL_QUEUE)
             return {"task": task_id, "skipped": "already has a draft of this model version"}
         config = parse_label_config(api.label_config(project_id))
         embedding = services.embedder.for_url(task_image_url(task, config))
         draft = services.predictor.draft(task, embedding, config, Timings())
         prediction = api.create_prediction(task_id, draft["result"], draft["score"], version)
+    _count_done(services.redis, PRELABEL_QUEUE)
     return {"task": task_id, "prediction": prediction, "regions": len(draft["result"])}
 
 

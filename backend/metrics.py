@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 _FAST = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -30,5 +31,22 @@ class Metrics:
         self.warm_jobs = Counter("sam_warm_jobs", "Background embedding jobs by state", ["result"], registry=r)
         self.prelabel_jobs = Counter("sam_prelabel_jobs", "Pre-label jobs by state", ["result"], registry=r)
 
+    def watch_queues(self, read) -> None:
+        """Export job counts per queue and state, read from Redis at scrape time: the same numbers
+        `sam-backend warm|prelabel --wait` shows, whichever machine runs the workers."""
+        self.registry.register(_QueueCollector(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _QueueCollector:
+    def __init__(self, read):
+        self.read = read  # () -> {queue: {state: count}}, or {} when Redis is unreachable
+
+    def collect(self):
+        family = GaugeMetricFamily("sam_jobs", "Background jobs by queue and state", labels=["queue", "state"])
+        for queue, states in self.read().items():
+            for state, count in states.items():
+                family.add_metric([queue, state], count)
+        yield family

@@ -84,3 +84,20 @@ def test_a_worker_killed_mid_job_loses_only_that_job_and_it_is_retried(settings,
     jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
     assert len(conn.keys("sam-backend:emb:*")) == 1
     assert not conn.exists(f"rq:job:{job_id}")  # done and forgotten
+
+
+def test_metrics_show_job_counts_per_queue(settings, make_client, image_server):
+    c, services = make_client(settings)
+    conn = redis.Redis.from_url(settings.redis_url)
+    image_server.add("/data/upload/a.png", make_image(40, 30))
+    jobs.enqueue_warm(conn, services.loader.model_id, ["/data/upload/a.png", "/data/upload/gone.png"])
+
+    def gauge(queue: str, state: str) -> float:
+        line = f'sam_jobs{{queue="{queue}",state="{state}"}} '
+        return next(float(l.split(" ")[-1]) for l in c.get("/metrics").data.decode().splitlines() if l.startswith(line))
+
+    assert gauge("sam-warm", "queued") == 2 and gauge("sam-warm", "done") == 0
+    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
+    assert gauge("sam-warm", "queued") == 0
+    assert gauge("sam-warm", "done") == 1 and gauge("sam-warm", "failed") == 1
+    assert gauge("sam-prelabel", "queued") == 0
