@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from PIL import Image
 from backend.embedded_redis import EmbeddedRedis
 from backend.label_config import OutputTag
 from backend.results import brush_region, polygon_regions
+from backend.server import stop_process
 
 SIZES = {"1MP": (1280, 800), "20MP": (5472, 3648)}
 _TOKEN = "benchtoken0123456789abcdef0123456789abcd"
@@ -210,12 +210,7 @@ def run_click_bench(args) -> dict:
         return figures
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop_process(proc, grace=30, group=True)
         httpd.shutdown()
         redis_server.stop()
 

@@ -48,9 +48,11 @@ def test_serve_with_embedded_redis_answers_clicks_from_two_workers(tiny_checkpoi
         socket_path = model_dir / "redis" / "redis.sock"
         assert socket_path.exists()
         store = redis.Redis(unix_socket_path=str(socket_path))
-        # a batch predict queues the image; the embedding worker `serve` started embeds it
+        # a batch predict (no project id here: an embedding job, not a pre-label one) queues the image;
+        # the worker `serve` started embeds it
         batch = protocol_body("predict_batch.json")
         batch["tasks"] = batch["tasks"][:1]
+        del batch["project"]
         assert requests.post(base + "/predict", json=batch, timeout=30).status_code == 200
         deadline = time.monotonic() + 120
         while not store.keys("sam-backend:emb:*") and time.monotonic() < deadline:
