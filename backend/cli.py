@@ -1,4 +1,4 @@
-"""sam-backend serve | worker | warm | prelabel | download | connect | bench click"""
+"""sam-backend serve | worker | warm | prelabel | export | download | connect | bench click"""
 
 from __future__ import annotations
 
@@ -61,6 +61,13 @@ def cmd_prelabel(args) -> int:
     return prelabel_project(_settings(), args.project, wait=args.wait)
 
 
+def cmd_export(args) -> int:
+    from backend.export_coco import export_project
+
+    out = args.out or f"project-{args.project}-coco.json"
+    return export_project(_settings(), args.project, args.source, args.model_version, out)
+
+
 def cmd_connect(args) -> int:
     from backend.connect import connect
 
@@ -108,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
     prelabel.add_argument("--wait", action="store_true", help="show progress until every task is drafted")
     prelabel.set_defaults(func=cmd_prelabel)
+
+    export = sub.add_parser("export", help="a project's masks as COCO instance polygons (for CVAT)")
+    export.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    export.add_argument("--format", choices=("coco",), default="coco")
+    export.add_argument("--source", choices=("predictions", "annotations"), default="predictions",
+                        help="the newest prediction (default) or the newest annotation of each task")
+    export.add_argument("--model-version", help="only predictions of this model version")
+    export.add_argument("--out", help="output file (default project-ID-coco.json)")
+    export.set_defaults(func=cmd_export)
 
     conn = sub.add_parser("connect", help="register this backend with a Label Studio project (idempotent)")
     conn.add_argument("--project", type=int, required=True, help="Label Studio project id")

@@ -3,6 +3,7 @@ images, `sam-backend connect`, interactive clicks, retrieve predictions, webhook
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -181,7 +182,7 @@ def predictions_by_task(label_studio, project_id: int, model_version: str) -> di
     return found
 
 
-def test_prelabel_a_project_with_two_workers_one_killed_mid_run(label_studio, backend):
+def test_prelabel_a_project_with_two_workers_one_killed_mid_run(label_studio, backend, tmp_path):
     """Every task gets exactly one draft; a SIGKILLed worker loses only its job, which is retried."""
     config_path = ROOT / "label_config" / "multi_object_polygon.xml"
     project = create_project(label_studio, config_path)
@@ -247,6 +248,19 @@ def test_prelabel_a_project_with_two_workers_one_killed_mid_run(label_studio, ba
     again = backend.cli("prelabel", "--project", str(project["id"]), "--wait")
     assert again.returncode == 0, again.stdout + again.stderr
     assert predictions_by_task(label_studio, project["id"], model_version) == drafts
+
+    # the drafts as COCO for CVAT: one object per polygon region, on the right image, with its label
+    out = tmp_path / "coco.json"
+    exported = backend.cli("export", "--project", str(project["id"]), "--format", "coco",
+                           "--model-version", model_version, "--out", str(out))
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    coco = json.loads(out.read_text())
+    assert len(coco["images"]) == 24
+    regions = [(t, r) for t, p in drafts.items() for r in p[0]["result"]]
+    assert len(coco["annotations"]) == len(regions)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    assert sorted((a["image_id"], names[a["category_id"]]) for a in coco["annotations"]) == sorted(
+        (t, r["value"]["polygonlabels"][0]) for t, r in regions)
 
 
 def test_submitted_annotation_reaches_the_webhook_and_is_acknowledged(label_studio, backend):
