@@ -105,7 +105,7 @@ def _server_timing(header: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"(\w+);dur=([\d.]+)", header or "")}
 
 
-def _random_checkpoint(model_type: str, path: Path) -> None:
+def random_checkpoint(model_type: str, path: Path) -> None:
     import torch
     from segment_anything import sam_model_registry
 
@@ -143,7 +143,7 @@ def run_click_bench(args) -> dict:
         if args.random_weights:
             checkpoint = str(work / f"random_{args.model_type}.pth")
             print(f"writing a random-weight {args.model_type} checkpoint (benchmark only) ...", flush=True)
-            _random_checkpoint(args.model_type, Path(checkpoint))
+            random_checkpoint(args.model_type, Path(checkpoint))
         sizes = [s for s in args.sizes.split(",") if s]
         print("generating images ...", flush=True)
         for size_name in sizes:
@@ -151,7 +151,7 @@ def run_click_bench(args) -> dict:
                 _ImageHandler.files[f"/data/upload/{size_name}-{i}.jpg"] = synthetic_jpeg(SIZES[size_name], seed=i)
         _ImageHandler.files["/data/upload/warmup.jpg"] = synthetic_jpeg((640, 480), seed=99)
 
-        port = _free_port()
+        port = free_port()
         env = dict(os.environ, SAM_CHECKPOINT=checkpoint, REDIS_URL=redis_server.url, LABEL_STUDIO_URL=image_base,
                    LABEL_STUDIO_API_KEY=_TOKEN, MODEL_DIR=str(work / "models"), WORKERS="1",
                    THREADS=str(args.threads), LOG_LEVEL="WARNING", DEVICE=args.device, WARM_WORKERS="0")
@@ -273,7 +273,7 @@ def _wait_health(base: str, proc: subprocess.Popen, timeout: float = 300) -> Non
     raise RuntimeError("the backend did not answer /health in time")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -85,6 +85,15 @@ def cmd_bench_click(args) -> int:
     return 0
 
 
+def cmd_bench_prelabel(args) -> int:
+    from backend.bench_prelabel import print_prelabel_table, run_prelabel_bench
+
+    figures = run_prelabel_bench(args)
+    print_prelabel_table(figures)
+    print(json.dumps(figures, separators=(",", ":")))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam-backend", description="Label Studio ML backend for Segment Anything")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     click.add_argument("--threads", type=int, default=4)
     click.add_argument("--device", default="auto")
     click.set_defaults(func=cmd_bench_click)
+
+    pre = bench_sub.add_parser("prelabel", help="images/minute of pre-labelling with 1 and 2 workers (real Label Studio)")
+    pre.add_argument("--random-weights", action="store_true",
+                     help="use a randomly initialised SAM of the real architecture (timing only)")
+    pre.add_argument("--model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
+    pre.add_argument("--images", type=int, default=6)
+    pre.add_argument("--width", type=int, default=1280)
+    pre.add_argument("--height", type=int, default=800)
+    pre.add_argument("--workers", default="1,2", help="comma list of worker counts, one round each")
+    pre.add_argument("--points-per-side", type=int, default=16)
+    pre.add_argument("--device", default="auto")
+    pre.add_argument("--label-studio-venv", help="virtualenv holding label-studio (default ./.ls-venv)")
+    pre.set_defaults(func=cmd_bench_prelabel)
     return parser
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import threading
 from datetime import datetime, timezone
@@ -207,11 +208,26 @@ def prelabel_task(project_id: int, task_id: int) -> dict:
             _count_done(services.redis, PRELABEL_QUEUE)
             return {"task": task_id, "skipped": "already has a draft of this model version"}
         config = parse_label_config(api.label_config(project_id))
-        embedding = services.embedder.for_url(task_image_url(task, config))
-        draft = services.predictor.draft(task, embedding, config, Timings())
+        timings = Timings()
+        embedding = services.embedder.for_url(task_image_url(task, config), timings)
+        draft = services.predictor.draft(task, embedding, config, timings)
         prediction = api.create_prediction(task_id, draft["result"], draft["score"], version)
     _count_done(services.redis, PRELABEL_QUEUE)
+    _record_timings(services.redis, PRELABEL_QUEUE, timings.stages)
     return {"task": task_id, "prediction": prediction, "regions": len(draft["result"])}
+
+
+def _record_timings(connection: redis.Redis | None, queue_name: str, stages: dict[str, float]) -> None:
+    """The last 1000 jobs' stage seconds (encode, everything, ...), for `bench prelabel` and capacity planning."""
+    if connection is None:
+        return
+    key = f"sam-backend:timings:{queue_name}"
+    connection.lpush(key, json.dumps(stages))
+    connection.ltrim(key, 0, 999)
+
+
+def recent_timings(connection: redis.Redis, queue_name: str) -> list[dict[str, float]]:
+    return [json.loads(item) for item in connection.lrange(f"sam-backend:timings:{queue_name}", 0, -1)]
 
 
 def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> bool:

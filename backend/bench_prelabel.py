@@ -1,0 +1,176 @@
+"""`sam-backend bench prelabel`: images per minute of `sam-backend prelabel` with 1 and 2 workers.
+
+Runs the real thing: a Label Studio (started from its own virtualenv, SQLite, 127.0.0.1), a
+project of synthetic photos in a local-files storage, Redis, RQ workers, and the real pre-label
+jobs that embed, segment everything and post predictions. Between rounds the embeddings and the
+drafts are deleted, so every round pays for the encoder on the same images.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import requests
+from rq import Worker
+
+from backend import jobs
+from backend.bench import free_port, random_checkpoint, synthetic_jpeg
+from backend.embedded_redis import EmbeddedRedis
+from backend.server import stop_process
+
+_TOKEN = "benchprelabeltoken0123456789abcdef012345"
+_CONFIG = Path(__file__).resolve().parents[1] / "label_config" / "multi_object_polygon.xml"
+
+
+def _label_studio_executable(venv: str | None) -> str:
+    candidates = [Path(venv) / "bin" / "label-studio"] if venv else []
+    candidates += [Path.cwd() / ".ls-venv" / "bin" / "label-studio"]
+    found = next((str(c) for c in candidates if c.exists()), None) or shutil.which("label-studio")
+    if found is None:
+        sys.exit("bench prelabel needs Label Studio: `python3 -m venv .ls-venv && .ls-venv/bin/pip install "
+                 "label-studio==1.23.2`, or --label-studio-venv PATH")
+    return found
+
+
+def _start_label_studio(work: Path, files: Path, venv: str | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, LABEL_STUDIO_ML_BLOCK_LOCAL_IP="false", LABEL_STUDIO_SSRF_PROTECTION_ENABLED="false",
+               LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true", LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(files),
+               SENTRY_DSN="")
+    proc = subprocess.Popen(
+        [_label_studio_executable(venv), "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(port),
+         "--data-dir", str(work / "ls-data"), "--username", "bench@example.com", "--password", "bench-pass-123",
+         "--user-token", _TOKEN, "--enable-legacy-api-token"],
+        env=env, stdout=open(work / "label-studio.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass  # still migrating the database: keep polling until the deadline
+        time.sleep(1)
+    stop_process(proc, group=True)
+    sys.exit(f"Label Studio did not start; see {work / 'label-studio.log'}")
+
+
+def _api(url: str, method: str, path: str, **kwargs) -> requests.Response:
+    response = requests.request(method, url + path, headers={"Authorization": f"Token {_TOKEN}"}, timeout=120, **kwargs)
+    response.raise_for_status()
+    return response
+
+
+def _make_project(ls_url: str, files: Path, images: int, size: tuple[int, int]) -> tuple[int, list[int]]:
+    project = _api(ls_url, "POST", "/api/projects", json={"title": "bench prelabel",
+                                                          "label_config": _CONFIG.read_text()}).json()
+    folder = files / "bench"
+    folder.mkdir(parents=True)
+    for i in range(images):
+        (folder / f"img{i:03d}.jpg").write_bytes(synthetic_jpeg(size, seed=i))
+    storage = _api(ls_url, "POST", "/api/storages/localfiles", json={
+        "project": project["id"], "path": str(folder), "use_blob_urls": True, "title": "bench"}).json()
+    _api(ls_url, "POST", f"/api/storages/localfiles/{storage['id']}/sync")
+    tasks = _api(ls_url, "GET", "/api/tasks", params={"project": project["id"], "page_size": 10000}).json()["tasks"]
+    return project["id"], [t["id"] for t in tasks]
+
+
+def _reset(connection: redis.Redis, ls_url: str, task_ids: list[int]) -> None:
+    """Forget embeddings and drafts so the next round does all the work again."""
+    for pattern in ("sam-backend:emb:*", "sam-backend:url:*", "sam-backend:timings:*"):
+        keys = connection.keys(pattern)
+        if keys:
+            connection.delete(*keys)
+    for task_id in task_ids:
+        for prediction in _api(ls_url, "GET", "/api/predictions", params={"task": task_id}).json():
+            _api(ls_url, "DELETE", f"/api/predictions/{prediction['id']}")
+
+
+def run_prelabel_bench(args) -> dict:
+    if not args.random_weights and not os.environ.get("SAM_CHECKPOINT"):
+        sys.exit("bench prelabel needs real weights (SAM_CHECKPOINT) or the explicit --random-weights flag")
+    work = Path(tempfile.mkdtemp(prefix="sam-bench-prelabel-"))
+    files = work / "files"
+    files.mkdir()
+    redis_server = EmbeddedRedis(work / "redis", "4gb").start()
+    connection = redis.Redis.from_url(redis_server.url)
+    ls_proc = None
+    try:
+        checkpoint = os.environ.get("SAM_CHECKPOINT")
+        if args.random_weights:
+            checkpoint = str(work / f"random_{args.model_type}.pth")
+            print(f"writing a random-weight {args.model_type} checkpoint (benchmark only) ...", flush=True)
+            random_checkpoint(args.model_type, Path(checkpoint))
+        print("starting Label Studio ...", flush=True)
+        ls_proc, ls_url = _start_label_studio(work, files, args.label_studio_venv)
+        size = (args.width, args.height)
+        project_id, task_ids = _make_project(ls_url, files, args.images, size)
+        env = dict(os.environ, SAM_CHECKPOINT=checkpoint, REDIS_URL=redis_server.url, LABEL_STUDIO_URL=ls_url,
+                   LABEL_STUDIO_API_KEY=_TOKEN, MODEL_DIR=str(work / "models"), DEVICE=args.device,
+                   LOG_LEVEL="WARNING", PRELABEL_POINTS_PER_SIDE=str(args.points_per_side))
+        from backend.model_loader import ModelLoader
+        from backend.settings import Settings
+
+        model_version = ModelLoader(Settings.from_env(env)).model_version
+        rounds = []
+        for count in [int(w) for w in args.workers.split(",")]:
+            _reset(connection, ls_url, task_ids)
+            workers = [subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--queues", jobs.PRELABEL_QUEUE],
+                                        env=env, start_new_session=True) for _ in range(count)]
+            try:
+                while Worker.count(queue=jobs.queue(connection, jobs.PRELABEL_QUEUE)) < count:
+                    time.sleep(0.5)  # each worker loads SAM before taking a job: not part of the figure
+                done_before = jobs.done_count(connection, jobs.PRELABEL_QUEUE)
+                failed_before = jobs.queue(connection, jobs.PRELABEL_QUEUE).failed_job_registry.count
+                print(f"{count} worker(s): pre-labelling {len(task_ids)} images ...", flush=True)
+                start = time.monotonic()
+                jobs.enqueue_prelabel(connection, model_version, project_id, task_ids)
+                while True:
+                    done = jobs.done_count(connection, jobs.PRELABEL_QUEUE) - done_before
+                    failed = jobs.queue(connection, jobs.PRELABEL_QUEUE).failed_job_registry.count - failed_before
+                    if done + failed >= len(task_ids):
+                        break
+                    time.sleep(0.2)
+                elapsed = time.monotonic() - start
+            finally:
+                for worker in workers:
+                    stop_process(worker, group=True)
+            timings = jobs.recent_timings(connection, jobs.PRELABEL_QUEUE)
+            rounds.append({
+                "workers": count, "images": len(task_ids), "failed": failed, "seconds": round(elapsed, 1),
+                "images_per_minute": round(len(task_ids) / elapsed * 60, 2),
+                "encoder_s_per_image": round(statistics.median(t.get("encode", 0.0) for t in timings), 2),
+                "segment_everything_s_per_image": round(statistics.median(t.get("everything", 0.0) for t in timings), 2),
+            })
+        embedding_bytes = [connection.strlen(k) for k in connection.keys("sam-backend:emb:*")]
+        return {"model_version": model_version, "random_weights": bool(args.random_weights), "device": args.device,
+                "image_size": f"{args.width}x{args.height}", "points_per_side": args.points_per_side,
+                "embedding_bytes_p50": int(statistics.median(embedding_bytes)) if embedding_bytes else 0,
+                "rounds": rounds}
+    finally:
+        if ls_proc is not None:
+            stop_process(ls_proc, group=True)
+        redis_server.stop()
+
+
+def print_prelabel_table(figures: dict) -> None:
+    print()
+    print(f"pre-label throughput, {figures['model_version']} "
+          f"({'random weights' if figures['random_weights'] else 'checkpoint'}), {figures['image_size']} images, "
+          f"{figures['points_per_side']}x{figures['points_per_side']} prompt grid, device {figures['device']}")
+    header = f"{'workers':>7} {'images':>6} {'failed':>6} {'seconds':>8} {'img/min':>8} {'encode s/img':>13} {'everything s/img':>17}"
+    print(header)
+    print("-" * len(header))
+    for r in figures["rounds"]:
+        print(f"{r['workers']:>7} {r['images']:>6} {r['failed']:>6} {r['seconds']:>8.1f} {r['images_per_minute']:>8.2f}"
+              f" {r['encoder_s_per_image']:>13.2f} {r['segment_everything_s_per_image']:>17.2f}")
+    print(f"stored embedding: {figures['embedding_bytes_p50'] / 1e6:.2f} MB p50")
