@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from backend.embeddings import EmbeddingCache
 from backend.errors import BackendError, InvalidRequest, Unauthorized
 from backend.images import ImageFetcher
+from backend.label_config import parse_label_config
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
 from backend.jobs import enqueue_prelabel, enqueue_warm, job_counts
@@ -54,29 +55,25 @@ class Services:
         fetcher = ImageFetcher(settings)
         embedder = Embedder(settings, loader, cache, fetcher, metrics)
 
-        def warm(urls: list[str]) -> int:
+        def queued(what: str, enqueue, *args) -> int:
+            """Queue background jobs; without Redis, or when Redis fails, say so and go on."""
             if client is None:
-                log.info("not warming %d images: background embedding needs REDIS_URL and a worker", len(urls))
+                log.info("not queueing %s: background jobs need REDIS_URL and a worker", what)
                 return 0
             try:
-                return enqueue_warm(client, loader.model_id, urls)
+                return enqueue(client, *args)
             except redis.RedisError as exc:
                 metrics.redis_errors.inc()
-                log.warning("could not queue %d images for embedding: %s", len(urls), exc)
+                log.warning("could not queue %s: %s", what, exc)
                 return 0
 
-        def queue_drafts(project_id: int, task_ids: list[int]) -> int:
-            if client is None:
-                log.info("not pre-labelling %d tasks: background jobs need REDIS_URL and a worker", len(task_ids))
-                return 0
-            try:
-                return enqueue_prelabel(client, loader.model_version, project_id, task_ids)
-            except redis.RedisError as exc:
-                metrics.redis_errors.inc()
-                log.warning("could not queue %d pre-label jobs: %s", len(task_ids), exc)
-                return 0
-
-        predictor = Predictor(settings, loader, embedder, metrics, warm, queue_drafts)
+        predictor = Predictor(
+            settings, loader, embedder, metrics,
+            warm=lambda urls: queued(f"{len(urls)} embeddings", enqueue_warm, loader.model_id, urls),
+            queue_drafts=lambda project, ids: queued(
+                f"{len(ids)} pre-label jobs", enqueue_prelabel, loader.model_version, project, ids
+            ),
+        )
         if client is not None:
             metrics.watch_queues(lambda: job_counts(client))
         return cls(settings, metrics, loader, cache, fetcher, embedder, predictor, client)
@@ -209,9 +206,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if action == "START_TRAINING":
             require_auth()  # sent by the ML connector with basic auth; project webhooks come without
         services.metrics.webhooks.labels(action).inc()
-        project = body.get("project") or {}
-        log.info("webhook %s for project %s", action, project.get("id") if isinstance(project, dict) else project)
-        return jsonify({"status": "ok", "action": action})
+        project = body.get("project") if isinstance(body.get("project"), dict) else {}
+        log.info("webhook %s for project %s", action, project.get("id"))
+        answer = {"status": "ok", "action": action}
+        if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list):
+            # newly imported images: embed them before an annotator opens them
+            try:
+                config = parse_label_config(project.get("label_config") or "")
+            except BackendError as exc:
+                log.info("not warming new tasks: %s", exc.message)
+            else:
+                answer["queued"] = services.predictor.warm_tasks([t for t in body["tasks"] if isinstance(t, dict)], config)
+        return jsonify(answer)
 
     @app.get("/metrics")
     def metrics():

@@ -138,15 +138,21 @@ class Predictor:
             if project_id is not None and task_ids:
                 self.metrics.prelabel_jobs.labels("queued").inc(self.queue_drafts(project_id, task_ids))
             else:
-                urls = []
-                for task in request.tasks:
-                    try:
-                        urls.append(task_image_url(task, config))
-                    except BackendError as exc:
-                        log.warning("not warming task %s: %s", task.get("id"), exc.message)
-                self.metrics.warm_jobs.labels("queued").inc(self.warm(urls))
+                self.warm_tasks(request.tasks, config)
         pending = {"model_version": self.loader.model_version, "score": 0.0, "status": "draft queued"}
         return [dict(pending) for _ in request.tasks]
+
+    def warm_tasks(self, tasks: list[dict], config: ProjectConfig) -> int:
+        """Queue the embedding of these tasks' images (new imports, batches without a project id)."""
+        urls = []
+        for task in tasks:
+            try:
+                urls.append(task_image_url(task, config))
+            except BackendError as exc:
+                log.warning("not warming task %s: %s", task.get("id"), exc.message)
+        queued = self.warm(urls)
+        self.metrics.warm_jobs.labels("queued").inc(queued)
+        return queued
 
     def _draft_from_boxes(self, embedding, boxes: list, config: ProjectConfig, timings: Timings) -> dict:
         regions, scores = [], []

@@ -374,3 +374,19 @@ def test_draft_without_boxes_segments_everything_above_the_minimum_area(settings
     # an object larger than the whole image cannot exist: a 100 % minimum area leaves nothing
     c, strict = make_client(settings.replace(prelabel_min_area=100.0, prelabel_points_per_side=4))
     assert strict.predictor.draft(task, embedding, config, Timings())["result"] == []
+
+
+def test_tasks_created_webhook_queues_the_new_images(client, served, settings):
+    c, _ = client
+    project = protocol_body("webhook_project_updated.json")["project"]
+    tasks = copy.deepcopy(protocol_body("predict_batch.json")["tasks"])
+    answer = c.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": project})
+    assert answer.status_code == 200 and answer.json["queued"] == 3
+    store = redis.Redis.from_url(settings.redis_url)
+    assert jobs.queue(store).count == 3
+    run_warm_worker(settings)
+    assert len(store.keys("sam-backend:emb:*")) == 1  # the one image the stand-in serves
+    # a project whose config the backend cannot serve: acknowledged, nothing queued
+    broken = dict(project, label_config="<View></View>")
+    answer = c.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": broken})
+    assert answer.status_code == 200 and "queued" not in answer.json

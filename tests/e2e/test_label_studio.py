@@ -305,6 +305,22 @@ def test_warm_project_embeds_every_image_before_the_first_click(label_studio, ba
     assert backend.metric("sam_encoder_seconds_count") == encoded
 
 
+def test_imported_images_are_embedded_before_anyone_asks(label_studio, backend, e2e_redis):
+    """Label Studio's TASKS_CREATED webhook queues the new images; the worker `serve` runs embeds them."""
+    import redis
+
+    project = create_project(label_studio, ROOT / "label_config" / "single_object_polygon.xml")
+    connect(label_studio, backend, project["id"])  # registers the project webhook
+    store = redis.Redis.from_url(e2e_redis.url)
+    before = len(store.keys("sam-backend:emb:*"))
+    tasks = add_images(label_studio, project["id"])  # an upload and a storage sync: two imports
+    deadline = time.monotonic() + 90
+    while len(store.keys("sam-backend:emb:*")) < before + len(tasks) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(store.keys("sam-backend:emb:*")) == before + len(tasks)
+    assert backend.metric('sam_webhooks_total{action="TASKS_CREATED"}') >= 2
+
+
 def test_images_download_with_a_personal_access_token_when_legacy_tokens_are_off(
     label_studio, tiny_checkpoint, e2e_redis, tmp_path
 ):
