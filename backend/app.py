@@ -17,7 +17,7 @@ from backend.images import ImageFetcher
 from backend.label_config import parse_label_config
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
-from backend.jobs import enqueue_prelabel, enqueue_warm, job_counts
+from backend.jobs import BackgroundJobs, job_counts
 from backend.ls_client import LabelStudioApi
 from backend.predict import Embedder, Predictor, Timings
 from backend.protocol import parse_predict
@@ -55,25 +55,7 @@ class Services:
         fetcher = ImageFetcher(settings)
         embedder = Embedder(settings, loader, cache, fetcher, metrics)
 
-        def queued(what: str, enqueue, *args) -> int:
-            """Queue background jobs; without Redis, or when Redis fails, say so and go on."""
-            if client is None:
-                log.info("not queueing %s: background jobs need REDIS_URL and a worker", what)
-                return 0
-            try:
-                return enqueue(client, *args)
-            except redis.RedisError as exc:
-                metrics.redis_errors.inc()
-                log.warning("could not queue %s: %s", what, exc)
-                return 0
-
-        predictor = Predictor(
-            settings, loader, embedder, metrics,
-            warm=lambda urls: queued(f"{len(urls)} embeddings", enqueue_warm, loader.model_id, urls),
-            queue_drafts=lambda project, ids: queued(
-                f"{len(ids)} pre-label jobs", enqueue_prelabel, loader.model_version, project, ids
-            ),
-        )
+        predictor = Predictor(settings, loader, embedder, metrics, BackgroundJobs(client, loader, metrics))
         if client is not None:
             metrics.watch_queues(lambda: job_counts(client))
         return cls(settings, metrics, loader, cache, fetcher, embedder, predictor, client)

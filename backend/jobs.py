@@ -125,6 +125,47 @@ def job_counts(connection: redis.Redis) -> dict[str, dict[str, int]]:
         return {}
 
 
+class BackgroundJobs:
+    """What a web worker queues for the RQ workers. Without Redis, or when Redis fails, it says
+    so in the log and queues nothing: a click never fails because background work could not start."""
+
+    def __init__(self, connection: redis.Redis | None, loader, metrics):
+        self.connection = connection
+        self.loader = loader
+        self.metrics = metrics
+
+    def warm(self, urls: list[str]) -> int:
+        return self._queue("warm", f"{len(urls)} embeddings", enqueue_warm, self.loader.model_id, urls)
+
+    def prelabel(self, project_id: int, task_ids: list[int]) -> int:
+        return self._queue("prelabel", f"{len(task_ids)} pre-label jobs", enqueue_prelabel,
+                           self.loader.model_version, project_id, task_ids)
+
+    def prefetch(self, project_id: int, task_id: int, count: int) -> int:
+        return self._queue("warm", f"prefetch after task {task_id}", enqueue_prefetch,
+                           self.loader.model_id, project_id, task_id, count)
+
+    def _queue(self, kind: str, what: str, enqueue, *args) -> int:
+        if self.connection is None:
+            log.info("not queueing %s: background jobs need REDIS_URL and a worker", what)
+            return 0
+        try:
+            queued = enqueue(self.connection, *args)
+        except redis.RedisError as exc:
+            self.metrics.redis_errors.inc()
+            log.warning("could not queue %s: %s", what, exc)
+            return 0
+        counter = self.metrics.prelabel_jobs if kind == "prelabel" else self.metrics.warm_jobs
+        counter.labels("queued").inc(queued)
+        return queued
+
+
+def enqueue_prefetch(connection: redis.Redis, model_id: str, project_id: int, task_id: int, count: int) -> int:
+    state = enqueue_unique(connection, WARM_QUEUE, "backend.jobs.warm_next_tasks", (project_id, task_id, count),
+                           f"next-{model_id}-{project_id}-{task_id}", f"embed the {count} tasks after task {task_id}")
+    return int(state != "waiting")
+
+
 @contextlib.contextmanager
 def heartbeat(connection: redis.Redis | None):
     """Refresh this job's alive key while it runs (SimpleWorker sends no heartbeat of its own mid-job)."""
@@ -190,6 +231,22 @@ def warm_image(url: str) -> dict:
     _count_done(services.redis, WARM_QUEUE)
     height, width = embedding.original_size
     return {"width": width, "height": height}
+
+
+def warm_next_tasks(project_id: int, task_id: int, count: int) -> dict:
+    """An annotator opened `task_id`: queue the embedding of the tasks they will open next."""
+    from backend.label_config import parse_label_config
+    from backend.protocol import task_image_url
+
+    services = _services()
+    with heartbeat(services.redis):
+        services.load_shared_setup()
+        api = services.label_studio_api()
+        config = parse_label_config(api.label_config(project_id))
+        urls = [task_image_url(task, config) for task in api.next_tasks(project_id, task_id, count)]
+        queued = enqueue_warm(services.redis, services.loader.model_id, urls)
+    _count_done(services.redis, WARM_QUEUE)
+    return {"next": len(urls), "queued": queued}
 
 
 def prelabel_task(project_id: int, task_id: int) -> dict:

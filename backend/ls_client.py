@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 from backend.errors import InvalidRequest
@@ -34,6 +35,19 @@ class LabelStudioApi:
 
     def task_ids(self, project_id: int) -> list[int]:
         return [task["id"] for task in self.tasks(project_id)]
+
+    def next_tasks(self, project_id: int, after_task_id: int, count: int) -> list[dict]:
+        """The `count` tasks after this one in id order: what an annotator opens next in the default queue."""
+        query = {"filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after_task_id}]},
+            "ordering": ["tasks:id"]}
+        found = []
+        for task in self.client.tasks.list(project=project_id, query=json.dumps(query), page_size=count,
+                                           fields="task_only"):
+            found.append({"id": task.id, "data": task.data})
+            if len(found) >= count:
+                break
+        return found
 
     def task(self, task_id: int) -> dict:
         """The task with its data, predictions and annotations (the shape /predict receives)."""

@@ -6,11 +6,11 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable
 
 from backend.embeddings import Embedding, EmbeddingCache, content_digest
 from backend.errors import BackendError
 from backend.images import ImageFetcher, decode_image
+from backend.jobs import BackgroundJobs
 from backend.label_config import ProjectConfig, parse_label_config
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
@@ -97,16 +97,13 @@ class Embedder:
 
 
 class Predictor:
-    def __init__(
-        self, settings: Settings, loader: ModelLoader, embedder: Embedder, metrics: Metrics,
-        warm: Callable[[list[str]], int], queue_drafts: Callable[[int, list[int]], int],
-    ):
+    def __init__(self, settings: Settings, loader: ModelLoader, embedder: Embedder, metrics: Metrics,
+                 background: BackgroundJobs):
         self.settings = settings
         self.loader = loader
         self.embedder = embedder
         self.metrics = metrics
-        self.warm = warm  # queues background embedding of image URLs
-        self.queue_drafts = queue_drafts  # queues pre-label jobs for (project id, task ids)
+        self.background = background
 
     def predict(self, request: PredictRequest, timings: Timings) -> dict:
         config = parse_label_config(request.label_config)
@@ -136,7 +133,9 @@ class Predictor:
             project_id = project_number(request.project)
             task_ids = [t["id"] for t in request.tasks if isinstance(t.get("id"), int)]
             if project_id is not None and task_ids:
-                self.metrics.prelabel_jobs.labels("queued").inc(self.queue_drafts(project_id, task_ids))
+                self.background.prelabel(project_id, task_ids)
+                if len(task_ids) == 1 and self.settings.prefetch_tasks:  # an annotator opened this task
+                    self.background.prefetch(project_id, task_ids[0], self.settings.prefetch_tasks)
             else:
                 self.warm_tasks(request.tasks, config)
         pending = {"model_version": self.loader.model_version, "score": 0.0, "status": "draft queued"}
@@ -150,9 +149,7 @@ class Predictor:
                 urls.append(task_image_url(task, config))
             except BackendError as exc:
                 log.warning("not warming task %s: %s", task.get("id"), exc.message)
-        queued = self.warm(urls)
-        self.metrics.warm_jobs.labels("queued").inc(queued)
-        return queued
+        return self.background.warm(urls)
 
     def _draft_from_boxes(self, embedding, boxes: list, config: ProjectConfig, timings: Timings) -> dict:
         regions, scores = [], []

@@ -18,7 +18,7 @@ ENV_VARS = (
     "TORCH_THREADS", "ALLOWED_IMAGE_HOSTS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "IMAGE_TIMEOUT",
     "EMBEDDING_TTL", "EMBEDDING_LRU_SIZE", "URL_DIGEST_TTL", "OUTPUT_TYPE", "POLYGON_TOLERANCE",
     "POLYGON_MIN_AREA", "PRELABEL_ON_PREDICT", "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
-    "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE",
+    "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE", "PREFETCH_TASKS",
 )
 
 
@@ -59,6 +59,7 @@ class Settings:
     prelabel_label: str | None = None
     prelabel_min_area: float = 0.05
     prelabel_points_per_side: int = 16
+    prefetch_tasks: int = 3
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -144,6 +145,7 @@ class Settings:
             prelabel_label=text("PRELABEL_LABEL", None),
             prelabel_min_area=number("PRELABEL_MIN_AREA", d.prelabel_min_area, kind=float, minimum=0.0),
             prelabel_points_per_side=number("PRELABEL_POINTS_PER_SIDE", d.prelabel_points_per_side, minimum=1),
+            prefetch_tasks=number("PREFETCH_TASKS", d.prefetch_tasks, minimum=0),
         )
 
     @property

@@ -390,3 +390,17 @@ def test_tasks_created_webhook_queues_the_new_images(client, served, settings):
     broken = dict(project, label_config="<View></View>")
     answer = c.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": broken})
     assert answer.status_code == 200 and "queued" not in answer.json
+
+
+def test_opening_a_task_also_queues_the_next_ones(client, served, settings):
+    c, services = client
+    body = copy.deepcopy(protocol_body("predict_batch.json"))
+    body["tasks"] = body["tasks"][:1]  # Label Studio's call when an annotator opens task 1
+    assert c.post("/predict", json=body).status_code == 200
+    store = redis.Redis.from_url(settings.redis_url)
+    assert jobs.queue(store, jobs.PRELABEL_QUEUE).job_ids == [jobs.prelabel_job_id(services.loader.model_version, 1)]
+    prefetch = jobs.queue(store, jobs.WARM_QUEUE).jobs
+    assert [(j.func_name, j.args) for j in prefetch] == [("backend.jobs.warm_next_tasks", [1, 1, 3])]
+    many = copy.deepcopy(protocol_body("predict_batch.json"))  # "Retrieve predictions" on 3 tasks: no prefetch
+    assert c.post("/predict", json=many).status_code == 200
+    assert len(jobs.queue(store, jobs.WARM_QUEUE).jobs) == 1

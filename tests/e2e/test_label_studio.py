@@ -321,6 +321,39 @@ def test_imported_images_are_embedded_before_anyone_asks(label_studio, backend, 
     assert backend.metric('sam_webhooks_total{action="TASKS_CREATED"}') >= 2
 
 
+def test_opening_a_task_embeds_the_next_ones(label_studio, backend, e2e_redis):
+    import redis
+
+    from backend import jobs
+
+    project = create_project(label_studio, ROOT / "label_config" / "single_object_polygon.xml")
+    folder = label_studio.files_root / f"p{project['id']}"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"shelf{i}.png").write_bytes(make_image(WIDTH, HEIGHT, seed=500 + i))
+    storage = label_studio.api("POST", "/api/storages/localfiles", json={"project": project["id"], "path": str(folder),
+                                                                         "use_blob_urls": True, "title": "shelf"})
+    assert label_studio.api("POST", f"/api/storages/localfiles/{storage.json()['id']}/sync").status_code == 200
+    task_ids = sorted(t["id"] for t in label_studio.api("GET", "/api/tasks", params={"project": project["id"]}).json()["tasks"])
+    connect(label_studio, backend, project["id"])  # after the import: no TASKS_CREATED warming here
+    store = redis.Redis.from_url(e2e_redis.url)
+    before = len(store.keys("sam-backend:emb:*"))
+    # what Label Studio sends when an annotator opens the first task: a batch predict of that task
+    opened = label_studio.api("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions",
+                                                                 "project": project["id"]},
+                              json={"selectedItems": {"all": False, "included": [task_ids[0]]}})
+    assert opened.status_code == 200, opened.text
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        counts = jobs.job_counts(store)
+        idle = all(c["queued"] == 0 and c["running"] == 0 for c in counts.values())
+        if idle and len(store.keys("sam-backend:emb:*")) >= before + 4:
+            break
+        time.sleep(0.5)
+    # the opened task (pre-labelled) and the 3 after it (PREFETCH_TASKS), not the last two
+    assert len(store.keys("sam-backend:emb:*")) == before + 4
+
+
 def test_images_download_with_a_personal_access_token_when_legacy_tokens_are_off(
     label_studio, tiny_checkpoint, e2e_redis, tmp_path
 ):
