@@ -105,12 +105,21 @@ def _server_timing(header: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"(\w+);dur=([\d.]+)", header or "")}
 
 
-def random_checkpoint(model_type: str, path: Path) -> None:
+def bench_checkpoint(args, work: Path) -> str:
+    """SAM_CHECKPOINT, or with --random-weights a random-weight checkpoint of the real architecture
+    (same cost as real weights; the masks are noise, so only timings mean anything)."""
+    if not args.random_weights:
+        if not os.environ.get("SAM_CHECKPOINT"):
+            sys.exit("benchmarks need real weights (SAM_CHECKPOINT) or the explicit --random-weights flag")
+        return os.environ["SAM_CHECKPOINT"]
     import torch
     from segment_anything import sam_model_registry
 
+    path = work / f"random_{args.model_type}.pth"
+    print(f"writing a random-weight {args.model_type} checkpoint (benchmark only) ...", flush=True)
     torch.manual_seed(0)
-    torch.save(sam_model_registry[model_type](checkpoint=None).state_dict(), path)
+    torch.save(sam_model_registry[args.model_type](checkpoint=None).state_dict(), path)
+    return str(path)
 
 
 def _time_output(kind: str, logits_input: np.ndarray, size: tuple[int, int], repeat: int = 5) -> tuple[float, int]:
@@ -131,7 +140,7 @@ def _time_output(kind: str, logits_input: np.ndarray, size: tuple[int, int], rep
 
 def run_click_bench(args) -> dict:
     if not args.random_weights and not os.environ.get("SAM_CHECKPOINT"):
-        sys.exit("bench click needs real weights (SAM_CHECKPOINT) or the explicit --random-weights flag")
+        bench_checkpoint(args, Path("."))  # exits with the reason, before starting anything
     work = Path(tempfile.mkdtemp(prefix="sam-bench-"))
     procs: list = []
     redis_server = EmbeddedRedis(work / "redis", "4gb").start()
@@ -139,11 +148,7 @@ def run_click_bench(args) -> dict:
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     image_base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        checkpoint = os.environ.get("SAM_CHECKPOINT")
-        if args.random_weights:
-            checkpoint = str(work / f"random_{args.model_type}.pth")
-            print(f"writing a random-weight {args.model_type} checkpoint (benchmark only) ...", flush=True)
-            random_checkpoint(args.model_type, Path(checkpoint))
+        checkpoint = bench_checkpoint(args, work)
         sizes = [s for s in args.sizes.split(",") if s]
         print("generating images ...", flush=True)
         for size_name in sizes:

@@ -22,7 +22,7 @@ import requests
 from rq import Worker
 
 from backend import jobs
-from backend.bench import free_port, random_checkpoint, synthetic_jpeg
+from backend.bench import bench_checkpoint, free_port, synthetic_jpeg
 from backend.embedded_redis import EmbeddedRedis
 from backend.server import stop_process
 
@@ -97,7 +97,7 @@ def _reset(connection: redis.Redis, ls_url: str, task_ids: list[int]) -> None:
 
 def run_prelabel_bench(args) -> dict:
     if not args.random_weights and not os.environ.get("SAM_CHECKPOINT"):
-        sys.exit("bench prelabel needs real weights (SAM_CHECKPOINT) or the explicit --random-weights flag")
+        bench_checkpoint(args, Path("."))  # exits with the reason, before starting anything
     work = Path(tempfile.mkdtemp(prefix="sam-bench-prelabel-"))
     files = work / "files"
     files.mkdir()
@@ -105,11 +105,7 @@ def run_prelabel_bench(args) -> dict:
     connection = redis.Redis.from_url(redis_server.url)
     ls_proc = None
     try:
-        checkpoint = os.environ.get("SAM_CHECKPOINT")
-        if args.random_weights:
-            checkpoint = str(work / f"random_{args.model_type}.pth")
-            print(f"writing a random-weight {args.model_type} checkpoint (benchmark only) ...", flush=True)
-            random_checkpoint(args.model_type, Path(checkpoint))
+        checkpoint = bench_checkpoint(args, work)
         print("starting Label Studio ...", flush=True)
         ls_proc, ls_url = _start_label_studio(work, files, args.label_studio_venv)
         size = (args.width, args.height)

@@ -37,14 +37,21 @@ def add_images(ls, project_id: int) -> list[dict]:
     folder = ls.files_root / f"p{project_id}"
     folder.mkdir()
     (folder / "local.png").write_bytes(make_image(WIDTH, HEIGHT, seed=100 + project_id))
-    storage = ls.api("POST", "/api/storages/localfiles", json={"project": project_id, "path": str(folder),
-                                                               "use_blob_urls": True, "title": "local"})
-    assert storage.status_code == 201, storage.text
-    synced = ls.api("POST", f"/api/storages/localfiles/{storage.json()['id']}/sync")
-    assert synced.status_code == 200, synced.text
+    local_storage(ls, project_id, folder, sync=True)
     tasks = ls.api("GET", "/api/tasks", params={"project": project_id}).json()["tasks"]
     assert sorted(t["data"]["image"].split("/")[2] for t in tasks) == ["local-files", "upload"]
     return tasks
+
+
+def local_storage(ls, project_id: int, folder: Path, sync: bool) -> None:
+    """A local-files storage on `folder`; Label Studio serves /data/local-files/ only below one.
+    With `sync`, each file becomes a task."""
+    storage = ls.api("POST", "/api/storages/localfiles", json={"project": project_id, "path": str(folder),
+                                                               "use_blob_urls": True, "title": folder.name})
+    assert storage.status_code == 201, storage.text
+    if sync:
+        synced = ls.api("POST", f"/api/storages/localfiles/{storage.json()['id']}/sync")
+        assert synced.status_code == 200, synced.text
 
 
 def connect(ls, backend: BackendServer, project_id: int) -> int:
@@ -134,10 +141,7 @@ def test_retrieve_predictions_stores_one_draft_per_task(label_studio, backend):
                          "rectanglelabels": ["Scratch" if i % 2 else "Pit"]}}
         tasks.append({"data": {"image": f"/data/local-files/?d=p{project['id']}/screen{i}.png"},
                       "predictions": [{"model_version": "detector-v1", "result": [box]}]})
-    # Label Studio serves /data/local-files/ only below a local storage's path (not synced: tasks come from JSON)
-    storage = label_studio.api("POST", "/api/storages/localfiles", json={"project": project["id"], "path": str(folder),
-                                                                         "use_blob_urls": True, "title": "screens"})
-    assert storage.status_code == 201, storage.text
+    local_storage(label_studio, project["id"], folder, sync=False)  # tasks come from the JSON import below
     imported = label_studio.api("POST", f"/api/projects/{project['id']}/import", json=tasks)
     assert imported.status_code == 201, imported.text
     connect(label_studio, backend, project["id"])
@@ -190,9 +194,7 @@ def test_prelabel_a_project_with_two_workers_one_killed_mid_run(label_studio, ba
     folder.mkdir()
     for i in range(20):
         (folder / f"bin{i:02d}.png").write_bytes(make_image(WIDTH, HEIGHT, seed=300 + i))
-    storage = label_studio.api("POST", "/api/storages/localfiles", json={"project": project["id"], "path": str(folder),
-                                                                         "use_blob_urls": True, "title": "bins"})
-    assert label_studio.api("POST", f"/api/storages/localfiles/{storage.json()['id']}/sync").status_code == 200
+    local_storage(label_studio, project["id"], folder, sync=True)
     boxed = []
     for i in range(4):  # tasks that come with a detector's box: one mask per box, with its label
         name = f"boxed{i}.png"
@@ -331,9 +333,7 @@ def test_opening_a_task_embeds_the_next_ones(label_studio, backend, e2e_redis):
     folder.mkdir()
     for i in range(6):
         (folder / f"shelf{i}.png").write_bytes(make_image(WIDTH, HEIGHT, seed=500 + i))
-    storage = label_studio.api("POST", "/api/storages/localfiles", json={"project": project["id"], "path": str(folder),
-                                                                         "use_blob_urls": True, "title": "shelf"})
-    assert label_studio.api("POST", f"/api/storages/localfiles/{storage.json()['id']}/sync").status_code == 200
+    local_storage(label_studio, project["id"], folder, sync=True)
     task_ids = sorted(t["id"] for t in label_studio.api("GET", "/api/tasks", params={"project": project["id"]}).json()["tasks"])
     connect(label_studio, backend, project["id"])  # after the import: no TASKS_CREATED warming here
     store = redis.Redis.from_url(e2e_redis.url)
