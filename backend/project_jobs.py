@@ -96,7 +96,7 @@ def _follow(connection: redis.Redis, queue_name: str, job_ids: dict[str, str], w
                 except NoSuchJobError:
                     status = JobStatus.FINISHED
                 if status == JobStatus.STARTED and jobs.abandoned(connection, job):
-                    job.delete()
+                    # enqueue_unique replaces an abandoned job with a fresh one
                     jobs.enqueue_unique(connection, queue_name, job.func_name, tuple(job.args), job_id,
                                         job.description or what)
                     bar.write(f"{name}: its worker died mid-job; queued again")
