@@ -17,11 +17,14 @@ from backend.images import ImageFetcher
 from backend.label_config import parse_label_config
 from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
+from backend.heads import ServingHeads
 from backend.jobs import BackgroundJobs, job_counts
 from backend.ls_client import LabelStudioApi
 from backend.predict import Embedder, Predictor, Timings
-from backend.protocol import parse_predict
+from backend.protocol import parse_predict, project_number
 from backend.settings import Settings
+from backend.training import acceptance_rows
+from model.registry import HeadRegistry
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,12 @@ class Services:
         fetcher = ImageFetcher(settings)
         embedder = Embedder(settings, loader, cache, fetcher, metrics)
 
-        predictor = Predictor(settings, loader, embedder, metrics, BackgroundJobs(client, loader, metrics))
+        heads = ServingHeads(HeadRegistry(settings.head_registry_dir), lambda: loader.model_id, metrics,
+                             settings.head_reload_seconds)
+        predictor = Predictor(settings, loader, embedder, metrics, BackgroundJobs(client, loader, metrics), heads)
         if client is not None:
             metrics.watch_queues(lambda: job_counts(client))
+            metrics.watch_acceptance(lambda: acceptance_rows(client))
         return cls(settings, metrics, loader, cache, fetcher, embedder, predictor, client)
 
     def share_setup(self, hostname: str, token: str) -> None:
@@ -164,7 +170,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         hostname, token = body.get("hostname"), body.get("access_token")
         if isinstance(hostname, str) and isinstance(token, str):
             services.share_setup(hostname, token)
-        return jsonify({"model_version": services.loader.model_version})
+        project = project_number(str(body["project"])) if body.get("project") is not None else None
+        return jsonify({"model_version": services.predictor.model_version(project)})
 
     @app.post("/predict")
     def predict():
@@ -191,6 +198,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         project = body.get("project") if isinstance(body.get("project"), dict) else {}
         log.info("webhook %s for project %s", action, project.get("id"))
         answer = {"status": "ok", "action": action}
+        project_id = project.get("id") if isinstance(project.get("id"), int) else None
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED") and project_id is not None:
+            # count it; every TRAIN_AFTER_ANNOTATIONS a training run is queued (never trained inline: 1 s timeout)
+            answer["training"] = services.predictor.background.train(project_id, "annotation", settings)
+        elif action == "START_TRAINING" and project_id is not None:
+            answer["training"] = services.predictor.background.train(project_id, "start_training", settings)
         if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list):
             # newly imported images: embed them before an annotator opens them
             try:

@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 
+import cv2
 import numpy as np
 import redis
 import zstandard
@@ -127,6 +128,28 @@ class EmbeddingCache:
         blob = serialize(embedding)
         self.metrics.cache_bytes.observe(len(blob))
         self._redis("SET", lambda c: c.set(key, blob, ex=self.ttl))
+
+    def put_image(self, digest: str, image: np.ndarray) -> None:
+        """The encoder-input image (JPEG), for the refinement head: it looks at pixels, not only the embedding."""
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        if not ok:
+            raise ValueError("cannot encode the input image as JPEG")
+        self._redis("SET", lambda c: c.set(self._image_key(digest), jpeg.tobytes(), ex=self.ttl))
+
+    def get_image(self, digest: str) -> np.ndarray | None:
+        blob = self._redis("GET", lambda c: c.get(self._image_key(digest)))
+        if blob is None:
+            return None
+        decoded = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+        if decoded is None:
+            log.warning("dropping a corrupt cached input image %s", digest[:12])
+            self._redis("DEL", lambda c: c.delete(self._image_key(digest)))
+            return None
+        return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+    @staticmethod
+    def _image_key(digest: str) -> str:
+        return f"{_PREFIX}:img:{digest}"
 
     def contains(self, key: str) -> bool:
         with self._lock:

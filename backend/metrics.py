@@ -30,11 +30,19 @@ class Metrics:
         self.webhooks = Counter("sam_webhooks", "Webhooks received by action", ["action"], registry=r)
         self.warm_jobs = Counter("sam_warm_jobs", "Background embedding jobs by state", ["result"], registry=r)
         self.prelabel_jobs = Counter("sam_prelabel_jobs", "Pre-label jobs by state", ["result"], registry=r)
+        self.head_load_errors = Counter("sam_head_load_errors", "Refinement heads refused (corrupt or incompatible)",
+                                        registry=r)
+        self.head_seconds = Histogram("sam_head_seconds", "Refinement head time per mask", registry=r, buckets=_FAST)
+        self.train_jobs = Counter("sam_train_jobs", "Training jobs queued, by trigger", ["trigger"], registry=r)
 
     def watch_queues(self, read) -> None:
         """Export job counts per queue and state, read from Redis at scrape time: the same numbers
         `sam-backend warm|prelabel --wait` shows, whichever machine runs the workers."""
         self.registry.register(_QueueCollector(read))
+
+    def watch_acceptance(self, read) -> None:
+        """How much annotators changed our drafts, per project and model version (read from Redis)."""
+        self.registry.register(_AcceptanceCollector(read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -50,3 +58,22 @@ class _QueueCollector:
             for state, count in states.items():
                 family.add_metric([queue, state], count)
         yield family
+
+
+class _AcceptanceCollector:
+    def __init__(self, read):
+        self.read = read  # () -> [{"project", "model_version", "corrections", "mean_iou", "unchanged"}]
+
+    def collect(self):
+        labels = ["project", "model_version"]
+        count = GaugeMetricFamily("sam_draft_corrections", "Submitted annotations made from our drafts", labels=labels)
+        iou = GaugeMetricFamily("sam_draft_iou", "Mean IoU between our draft and what the annotator submitted",
+                                labels=labels)
+        unchanged = GaugeMetricFamily("sam_draft_unchanged_ratio", "Share of drafts submitted with IoU >= 0.95",
+                                      labels=labels)
+        for row in self.read():
+            key = [str(row["project"]), row["model_version"]]
+            count.add_metric(key, row["corrections"])
+            iou.add_metric(key, row["mean_iou"])
+            unchanged.add_metric(key, row["unchanged"])
+        yield from (count, iou, unchanged)

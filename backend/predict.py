@@ -7,8 +7,11 @@ import logging
 import threading
 import time
 
+import numpy as np
+
 from backend.embeddings import Embedding, EmbeddingCache, content_digest
 from backend.errors import BackendError
+from backend.heads import ServedHead, ServingHeads
 from backend.images import ImageFetcher, decode_image
 from backend.jobs import BackgroundJobs
 from backend.label_config import ProjectConfig, parse_label_config
@@ -48,6 +51,7 @@ class Embedder:
         self.metrics = metrics
         self._locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        self._images: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     def for_url(self, url: str, timings: Timings | None = None) -> Embedding:
         timings = timings or Timings()
@@ -87,9 +91,29 @@ class Embedder:
             self.metrics.encoder.observe(elapsed)
             embedding = Embedding.quantized(features, image.original_size, image.input_size)
             self.cache.put(key, embedding)
+            self.cache.put_image(digest, image.input_image)
         with self._locks_guard:
             self._locks.pop(key, None)
         return embedding
+
+    def input_image(self, url: str) -> np.ndarray:
+        """The encoder-input image (RGB, long side 1024) that the refinement head looks at."""
+        digest = self.cache.url_digest(url)
+        image = None if digest is None else self._images.get(digest)
+        if image is None and digest is not None:
+            image = self.cache.get_image(digest)
+        if image is None:  # embedded before images were kept, or evicted: download it again
+            data = self.fetcher.fetch(url)
+            digest = content_digest(data)
+            self.cache.remember_url(url, digest)
+            image = decode_image(data, self.settings.max_image_pixels).input_image
+            self.cache.put_image(digest, image)
+        with self._locks_guard:
+            self._images[digest] = image
+            self._images.move_to_end(digest)
+            while len(self._images) > 4:
+                self._images.popitem(last=False)
+        return image
 
     def _lock_for(self, key: str) -> threading.Lock:
         with self._locks_guard:
@@ -98,28 +122,36 @@ class Embedder:
 
 class Predictor:
     def __init__(self, settings: Settings, loader: ModelLoader, embedder: Embedder, metrics: Metrics,
-                 background: BackgroundJobs):
+                 background: BackgroundJobs, heads: ServingHeads):
         self.settings = settings
         self.loader = loader
         self.embedder = embedder
         self.metrics = metrics
         self.background = background
+        self.heads = heads
+
+    def model_version(self, project_id: int | None) -> str:
+        """SAM's version, plus the project's refinement head when one is served."""
+        return self.loader.model_version + self.heads.version_suffix(project_id)
 
     def predict(self, request: PredictRequest, timings: Timings) -> dict:
         config = parse_label_config(request.label_config)
         if request.context is None:
             return {"results": self._batch(request, config)}
-        return {"results": [self._click(request.tasks[0], request.context, config, timings)]}
+        project_id = project_number(request.project)
+        return {"results": [self._click(request.tasks[0], request.context, config, timings, project_id)]}
 
-    def _click(self, task: dict, context: list, config: ProjectConfig, timings: Timings) -> dict:
+    def _click(self, task: dict, context: list, config: ProjectConfig, timings: Timings, project_id: int | None) -> dict:
         click = parse_click(context, config)
         label = click.label or config.default_label()
         outputs = config.outputs_for(label, self.settings.output_type)
         url = task_image_url(task, config)
         self.loader.get()  # a missing checkpoint is reported before any download
+        served = self.heads.for_project(project_id)
         embedding = self.embedder.for_url(url, timings)
-        regions, score = self._segment(embedding, click.prompt, label, outputs, config, timings)
-        return {"result": regions, "score": score, "model_version": self.loader.model_version}
+        regions, score = self._segment(embedding, click.prompt, label, outputs, config, timings, served, url)
+        version = self.loader.model_version + ("" if served is None else f"+head-p{project_id}-{served.version}")
+        return {"result": regions, "score": score, "model_version": version}
 
     def _batch(self, request: PredictRequest, config: ProjectConfig) -> list[dict]:
         """One entry per task, in task order (Label Studio drops the whole answer otherwise).
@@ -129,16 +161,17 @@ class Predictor:
         Studio itself. The entries carry no "result": Label Studio skips them without storing an
         empty prediction, which would stop it from asking again for this model version.
         """
+        project_id = project_number(request.project)
+        version = self.model_version(project_id)
         if self.settings.prelabel_on_predict:
-            project_id = project_number(request.project)
             task_ids = [t["id"] for t in request.tasks if isinstance(t.get("id"), int)]
             if project_id is not None and task_ids:
-                self.background.prelabel(project_id, task_ids)
+                self.background.prelabel(project_id, task_ids, version)
                 if len(task_ids) == 1 and self.settings.prefetch_tasks:  # an annotator opened this task
                     self.background.prefetch(project_id, task_ids[0], self.settings.prefetch_tasks)
             else:
                 self.warm_tasks(request.tasks, config)
-        pending = {"model_version": self.loader.model_version, "score": 0.0, "status": "draft queued"}
+        pending = {"model_version": version, "score": 0.0, "status": "draft queued"}
         return [dict(pending) for _ in request.tasks]
 
     def warm_tasks(self, tasks: list[dict], config: ProjectConfig) -> int:
@@ -151,25 +184,29 @@ class Predictor:
                 log.warning("not warming task %s: %s", task.get("id"), exc.message)
         return self.background.warm(urls)
 
-    def _draft_from_boxes(self, embedding, boxes: list, config: ProjectConfig, timings: Timings) -> dict:
+    def _draft_from_boxes(self, embedding, boxes: list, config: ProjectConfig, timings: Timings,
+                          project_id: int | None, url: str | None) -> dict:
         regions, scores = [], []
+        served = self.heads.for_project(project_id)
         for prompt, label in boxes:
             try:
                 outputs = config.outputs_for(label, self.settings.output_type)
             except BackendError as exc:
                 log.info("skipping a box: %s", exc.message)
                 continue
-            found, score = self._segment(embedding, prompt, label, outputs, config, timings)
+            found, score = self._segment(embedding, prompt, label, outputs, config, timings, served, url)
             regions.extend(found)
             scores.append(score)
         score = sum(scores) / len(scores) if scores else 0.0
-        return {"result": regions, "score": score, "model_version": self.loader.model_version}
+        return {"result": regions, "score": score, "model_version": self.model_version(project_id)}
 
-    def draft(self, task: dict, embedding: Embedding, config: ProjectConfig, timings: Timings) -> dict:
-        """A draft for a whole task: one mask per box it carries, else every object SAM finds."""
+    def draft(self, task: dict, embedding: Embedding, config: ProjectConfig, timings: Timings,
+              project_id: int | None = None) -> dict:
+        """A draft for a whole task: one mask per box it carries (refined by the project's head),
+        else every object SAM finds."""
         boxes = task_boxes(task, config)
         if boxes:
-            return self._draft_from_boxes(embedding, boxes, config, timings)
+            return self._draft_from_boxes(embedding, boxes, config, timings, project_id, task_image_url(task, config))
         label = self.settings.prelabel_label or config.default_label()
         outputs = config.outputs_for(label, self.settings.output_type)
         automatic = AutomaticConfig(points_per_side=self.settings.prelabel_points_per_side,
@@ -181,18 +218,27 @@ class Predictor:
         for obj in found:
             regions.extend(self._regions(obj.logits, obj.score, label, outputs, config, embedding, timings))
         score = sum(o.score for o in found) / len(found) if found else 0.0
-        return {"result": regions, "score": min(max(score, 0.0), 1.0), "model_version": self.loader.model_version}
+        return {"result": regions, "score": min(max(score, 0.0), 1.0), "model_version": self.model_version(project_id)}
 
-    def _segment(self, embedding, prompt, label: str, outputs, config: ProjectConfig, timings: Timings):
-        """Decoder, then the mask as every output tag wants it. Returns (regions, score)."""
+    def _segment(self, embedding, prompt, label: str, outputs, config: ProjectConfig, timings: Timings,
+                 served: ServedHead | None = None, url: str | None = None):
+        """Decoder, the project's head if it has one, then the mask as every output tag wants it.
+        Returns (regions, score)."""
         model = self.loader.get()
         start = time.perf_counter()
-        low_res, score = model.decode(embedding.features, to_model(prompt, embedding.input_size))
+        model_prompt = to_model(prompt, embedding.input_size)
+        low_res, score = model.decode(embedding.features, model_prompt)
         score = min(max(score, 0.0), 1.0)  # SAM's IoU estimate can leave [0, 1]; Label Studio wants it inside
         logits = logits_at_input(low_res, embedding.input_size)
         elapsed = time.perf_counter() - start
         timings.add("decode", elapsed)
         self.metrics.decoder.observe(elapsed)
+        if served is not None and url is not None:
+            start = time.perf_counter()
+            logits = served.head.refine(self.embedder.input_image(url), logits, model_prompt)
+            elapsed = time.perf_counter() - start
+            timings.add("head", elapsed)
+            self.metrics.head_seconds.observe(elapsed)
         return self._regions(logits, score, label, outputs, config, embedding, timings), score
 
     def _regions(self, logits, score: float, label: str, outputs, config: ProjectConfig, embedding, timings) -> list:

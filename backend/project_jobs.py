@@ -16,7 +16,10 @@ from backend import jobs
 from backend.errors import BackendError
 from backend.label_config import parse_label_config
 from backend.ls_client import LabelStudioApi
+from backend.heads import ServingHeads
+from backend.metrics import Metrics
 from backend.model_loader import ModelLoader
+from model.registry import HeadRegistry
 from backend.protocol import task_image_url
 from backend.settings import Settings
 
@@ -68,14 +71,16 @@ def prelabel_project(settings: Settings, project_id: int, wait: bool, out=sys.st
     if ready is None:
         return 2
     connection, loader = ready
+    heads = ServingHeads(HeadRegistry(settings.head_registry_dir), lambda: loader.model_id, Metrics())
+    version = loader.model_version + heads.version_suffix(project_id)
     task_ids = LabelStudioApi.from_settings(settings).task_ids(project_id)
-    queued = jobs.enqueue_prelabel(connection, loader.model_version, project_id, task_ids)
+    queued = jobs.enqueue_prelabel(connection, version, project_id, task_ids)
     print(f"project {project_id}: {len(task_ids)} tasks, {queued} queued for pre-labelling with "
-          f"{loader.model_version} ({len(task_ids) - queued} already queued or running; "
+          f"{version} ({len(task_ids) - queued} already queued or running; "
           "tasks that already have a draft of this version are skipped)", file=out)
     if not wait or not task_ids:
         return 0
-    job_ids = {jobs.prelabel_job_id(loader.model_version, t): f"task {t}" for t in task_ids}
+    job_ids = {jobs.prelabel_job_id(version, t): f"task {t}" for t in task_ids}
     return _follow(connection, jobs.PRELABEL_QUEUE, job_ids, "pre-labelling", out)
 
 

@@ -19,6 +19,8 @@ ENV_VARS = (
     "EMBEDDING_TTL", "EMBEDDING_LRU_SIZE", "URL_DIGEST_TTL", "OUTPUT_TYPE", "POLYGON_TOLERANCE",
     "POLYGON_MIN_AREA", "PRELABEL_ON_PREDICT", "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
     "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE", "PREFETCH_TASKS",
+    "HEADS_DIR", "HEAD_RELOAD_SECONDS", "TRAIN_AFTER_ANNOTATIONS", "TRAIN_STEPS", "TRAIN_MARGIN",
+    "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT",
 )
 
 
@@ -60,6 +62,13 @@ class Settings:
     prelabel_min_area: float = 0.05
     prelabel_points_per_side: int = 16
     prefetch_tasks: int = 3
+    heads_dir: Path | None = None  # None: MODEL_DIR/heads
+    head_reload_seconds: float = 2.0
+    train_after_annotations: int = 25
+    train_steps: int = 250
+    train_margin: float = 1.0
+    train_min_corrections: int = 8
+    train_timeout: int = 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -146,7 +155,18 @@ class Settings:
             prelabel_min_area=number("PRELABEL_MIN_AREA", d.prelabel_min_area, kind=float, minimum=0.0),
             prelabel_points_per_side=number("PRELABEL_POINTS_PER_SIDE", d.prelabel_points_per_side, minimum=1),
             prefetch_tasks=number("PREFETCH_TASKS", d.prefetch_tasks, minimum=0),
+            heads_dir=Path(heads_dir).expanduser() if (heads_dir := text("HEADS_DIR", None)) else None,
+            head_reload_seconds=number("HEAD_RELOAD_SECONDS", d.head_reload_seconds, kind=float, minimum=0.0),
+            train_after_annotations=number("TRAIN_AFTER_ANNOTATIONS", d.train_after_annotations, minimum=0),
+            train_steps=number("TRAIN_STEPS", d.train_steps, minimum=1),
+            train_margin=number("TRAIN_MARGIN", d.train_margin, kind=float, minimum=0.0),
+            train_min_corrections=number("TRAIN_MIN_CORRECTIONS", d.train_min_corrections, minimum=2),
+            train_timeout=number("TRAIN_TIMEOUT", d.train_timeout, minimum=60),
         )
+
+    @property
+    def head_registry_dir(self) -> Path:
+        return self.heads_dir or self.model_dir / "heads"
 
     @property
     def basic_auth_enabled(self) -> bool:
