@@ -1,4 +1,4 @@
-"""sam-backend serve | worker | warm | prelabel | export | download | connect | bench click"""
+"""sam-backend serve | worker | warm | prelabel | train | heads | export | download | connect | bench"""
 
 from __future__ import annotations
 
@@ -61,6 +61,20 @@ def cmd_prelabel(args) -> int:
     return prelabel_project(_settings(), args.project, wait=args.wait)
 
 
+def cmd_train(args) -> int:
+    from backend.train_commands import train
+
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return train(settings, args.project, inline=args.inline, wait=not args.no_wait, every=args.every)
+
+
+def cmd_heads(args) -> int:
+    from backend.train_commands import heads
+
+    return heads(_settings(), args.project, args.rollback, args.off)
+
+
 def cmd_export(args) -> int:
     from backend.export_coco import export_project
 
@@ -83,6 +97,15 @@ def cmd_bench_click(args) -> int:
     print_click_table(figures)
     print(json.dumps(figures, separators=(",", ":")))
     return 0
+
+
+def cmd_bench_learn(args) -> int:
+    from backend.bench_learn import print_learn_table, run_learn_bench
+
+    figures = run_learn_bench(args)
+    print_learn_table(figures)
+    print(json.dumps(figures, separators=(",", ":")))
+    return 0 if figures["never_promoted_regression"] else 1
 
 
 def cmd_bench_prelabel(args) -> int:
@@ -110,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(func=cmd_download)
 
     worker = sub.add_parser("worker", help="run an RQ worker that embeds images in the background (needs REDIS_URL)")
-    worker.add_argument("--queues", default="sam-warm,sam-prelabel",
-                        help="comma list of queues, first served first (default sam-warm,sam-prelabel)")
+    worker.add_argument("--queues", default="sam-warm,sam-prelabel,sam-train",
+                        help="comma list of queues, first served first (default sam-warm,sam-prelabel,sam-train)")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     worker.set_defaults(func=cmd_worker)
 
@@ -124,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
     prelabel.add_argument("--wait", action="store_true", help="show progress until every task is drafted")
     prelabel.set_defaults(func=cmd_prelabel)
+
+    train = sub.add_parser("train", help="train, evaluate and gate a refinement head on the project's annotations")
+    train.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    train.add_argument("--inline", action="store_true", help="train in this process instead of on a worker")
+    train.add_argument("--no-wait", action="store_true", help="queue the run and return")
+    train.add_argument("--every", help="keep running: train again every DURATION (e.g. 6h, 30m, 1d)")
+    train.set_defaults(func=cmd_train)
+
+    heads = sub.add_parser("heads", help="list a project's refinement heads with their metrics; roll back")
+    heads.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    heads.add_argument("--rollback", metavar="VERSION", help="serve this earlier version (e.g. v0002)")
+    heads.add_argument("--off", action="store_true", help="serve plain SAM for this project")
+    heads.set_defaults(func=cmd_heads)
 
     export = sub.add_parser("export", help="a project's masks as COCO instance polygons (for CVAT)")
     export.add_argument("--project", type=int, required=True, help="Label Studio project id")
@@ -153,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     click.add_argument("--threads", type=int, default=4)
     click.add_argument("--device", default="auto")
     click.set_defaults(func=cmd_bench_click)
+
+    learn = bench_sub.add_parser("learn", help="held-out mIoU / NoC@90 of base vs refinement head as corrections arrive")
+    learn.add_argument("--rounds", default="10,25,50,100", help="corrections available after each round (cumulative)")
+    learn.add_argument("--heldout", type=int, default=30, help="held-out images")
+    learn.add_argument("--steps", type=int, default=250, help="training steps per round")
+    learn.add_argument("--margin", type=float, default=1.0, help="promotion margin in mIoU points")
+    learn.add_argument("--seed", type=int, default=0)
+    learn.set_defaults(func=cmd_bench_learn)
 
     pre = bench_sub.add_parser("prelabel", help="images/minute of pre-labelling with 1 and 2 workers (real Label Studio)")
     pre.add_argument("--random-weights", action="store_true",

@@ -15,7 +15,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import threading
+import time
 from datetime import datetime, timezone
 
 import redis
@@ -31,7 +33,9 @@ log = logging.getLogger(__name__)
 
 WARM_QUEUE = "sam-warm"
 PRELABEL_QUEUE = "sam-prelabel"
-QUEUES = (WARM_QUEUE, PRELABEL_QUEUE)  # a worker takes embedding jobs first: annotators wait on those
+TRAIN_QUEUE = "sam-train"
+# a worker takes embedding jobs first (annotators wait on those), training last
+QUEUES = (WARM_QUEUE, PRELABEL_QUEUE, TRAIN_QUEUE)
 ALIVE_TTL = 20  # seconds without a heartbeat after which a started job counts as abandoned
 _BEAT_EVERY = 5
 
@@ -45,7 +49,16 @@ def warm_job_id(model_id: str, url: str) -> str:
 
 
 def prelabel_job_id(model_version: str, task_id: int) -> str:
-    return f"prelabel-{model_version}-{task_id}"
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", model_version)  # RQ job ids allow only these
+    return f"prelabel-{safe}-{task_id}"
+
+
+def train_job_id(project_id: int) -> str:
+    return f"train-{project_id}"
+
+
+def _new_annotations_key(project_id: int) -> str:
+    return f"sam-backend:train:new:{project_id}"
 
 
 def _alive_key(job_id: str) -> str:
@@ -111,6 +124,21 @@ def enqueue_prelabel(connection: redis.Redis, model_version: str, project_id: in
     return sum(state != "waiting" for state in states)
 
 
+def enqueue_train(connection: redis.Redis, project_id: int, timeout: int) -> str:
+    """One training job per project at a time: requests while one is queued or running add nothing."""
+    return enqueue_unique(connection, TRAIN_QUEUE, "backend.jobs.train_project", (project_id,),
+                          train_job_id(project_id), f"train the refinement head of project {project_id}", timeout)
+
+
+def note_annotation(connection: redis.Redis, project_id: int, every: int, timeout: int) -> str | None:
+    """Count a submitted annotation; every `every` of them, queue a training run (debounced: a burst
+    of webhooks while a run is queued or running queues nothing more). Returns the queue state or None."""
+    count = connection.incr(_new_annotations_key(project_id))
+    if every <= 0 or count < every:
+        return None
+    return enqueue_train(connection, project_id, timeout)
+
+
 def job_counts(connection: redis.Redis) -> dict[str, dict[str, int]]:
     """Jobs per queue: queued, running, failed, done (since the Redis was created)."""
     try:
@@ -137,9 +165,28 @@ class BackgroundJobs:
     def warm(self, urls: list[str]) -> int:
         return self._queue("warm", f"{len(urls)} embeddings", enqueue_warm, self.loader.model_id, urls)
 
-    def prelabel(self, project_id: int, task_ids: list[int]) -> int:
+    def prelabel(self, project_id: int, task_ids: list[int], model_version: str) -> int:
         return self._queue("prelabel", f"{len(task_ids)} pre-label jobs", enqueue_prelabel,
-                           self.loader.model_version, project_id, task_ids)
+                           model_version, project_id, task_ids)
+
+    def train(self, project_id: int, trigger: str, settings: Settings) -> str | None:
+        """Queue a training run now (START_TRAINING), or count an annotation towards the next one."""
+        if self.connection is None:
+            log.info("not training project %s: training runs on workers and needs REDIS_URL", project_id)
+            return None
+        try:
+            if trigger == "annotation":
+                state = note_annotation(self.connection, project_id, settings.train_after_annotations,
+                                        settings.train_timeout)
+            else:
+                state = enqueue_train(self.connection, project_id, settings.train_timeout)
+        except redis.RedisError as exc:
+            self.metrics.redis_errors.inc()
+            log.warning("could not queue training for project %s: %s", project_id, exc)
+            return None
+        if state in ("queued", "requeued"):
+            self.metrics.train_jobs.labels(trigger).inc()
+        return state
 
     def prefetch(self, project_id: int, task_id: int, count: int) -> int:
         return self._queue("warm", f"prefetch after task {task_id}", enqueue_prefetch,
@@ -259,7 +306,7 @@ def prelabel_task(project_id: int, task_id: int) -> dict:
     with heartbeat(services.redis):
         services.load_shared_setup()
         api = services.label_studio_api()
-        version = services.loader.model_version
+        version = services.predictor.model_version(project_id)
         task = api.task(task_id)
         if any(p.get("model_version") == version for p in task["predictions"]):
             _count_done(services.redis, PRELABEL_QUEUE)
@@ -267,11 +314,42 @@ def prelabel_task(project_id: int, task_id: int) -> dict:
         config = parse_label_config(api.label_config(project_id))
         timings = Timings()
         embedding = services.embedder.for_url(task_image_url(task, config), timings)
-        draft = services.predictor.draft(task, embedding, config, timings)
+        draft = services.predictor.draft(task, embedding, config, timings, project_id)
         prediction = api.create_prediction(task_id, draft["result"], draft["score"], version)
     _count_done(services.redis, PRELABEL_QUEUE)
     _record_timings(services.redis, PRELABEL_QUEUE, timings.stages)
     return {"task": task_id, "prediction": prediction, "regions": len(draft["result"])}
+
+
+def train_project(project_id: int) -> dict:
+    """Train, evaluate and gate a new refinement head for the project (see backend.training)."""
+    from backend.training import run_training
+
+    services = _services()
+    job = get_current_job()
+    last = [0.0]
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if job is None or (time.monotonic() - last[0] < 1.0 and done != total):
+            return
+        last[0] = time.monotonic()
+        job.meta["progress"] = {"stage": stage, "done": done, "total": total}
+        job.save_meta()
+
+    with heartbeat(services.redis):
+        if services.redis is not None:
+            services.redis.set(_new_annotations_key(project_id), 0)  # this run covers every annotation so far
+        services.load_shared_setup()
+        summary = run_training(services, project_id, progress)
+    _count_done(services.redis, TRAIN_QUEUE)
+    if services.redis is not None:
+        services.redis.set(f"sam-backend:train:last:{project_id}", json.dumps(summary), ex=30 * 24 * 3600)
+    return summary
+
+
+def last_training(connection: redis.Redis, project_id: int) -> dict | None:
+    raw = connection.get(f"sam-backend:train:last:{project_id}")
+    return None if raw is None else json.loads(raw)
 
 
 def _record_timings(connection: redis.Redis | None, queue_name: str, stages: dict[str, float]) -> None:

@@ -49,6 +49,14 @@ class LabelStudioApi:
                 break
         return found
 
+    def annotated_task_ids(self, project_id: int) -> list[int]:
+        """Tasks with at least one annotation, oldest first."""
+        query = {"filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]},
+            "ordering": ["tasks:id"]}
+        return [task.id for task in self.client.tasks.list(project=project_id, query=json.dumps(query),
+                                                            fields="task_only")]
+
     def task(self, task_id: int) -> dict:
         """The task with its data, predictions and annotations (the shape /predict receives)."""
         task = _plain(self.client.tasks.get(str(task_id)))

@@ -1,0 +1,111 @@
+"""Submitted annotations as ground truth: Label Studio regions -> one mask per object, in the
+encoder's input frame; and how far each submitted annotation moved from the draft it started from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+from backend.label_config import ProjectConfig
+from backend.rle import rle_to_mask
+from model.interactive import iou
+from model.prompts import preprocess_shape
+from model.sam import IMAGE_SIZE
+
+MIN_OBJECT_PIXELS = 16  # in the input frame: smaller regions are slips of the brush, not objects
+UNCHANGED_IOU = 0.95
+
+
+@dataclasses.dataclass
+class ObjectMask:
+    task_id: int
+    label: str
+    mask: np.ndarray  # bool, encoder input size
+
+
+def _input_size(region: dict) -> tuple[int, int] | None:
+    width, height = region.get("original_width"), region.get("original_height")
+    if not isinstance(width, (int, float)) or not isinstance(height, (int, float)) or width <= 0 or height <= 0:
+        return None
+    return preprocess_shape(int(height), int(width), IMAGE_SIZE)
+
+
+def region_mask(region: dict, input_size: tuple[int, int]) -> tuple[str, np.ndarray] | None:
+    """(label, mask in the input frame) of a brush or polygon region; None for other region types."""
+    value = region.get("value") or {}
+    kind = region.get("type")
+    h, w = input_size
+    if kind == "brushlabels" and value.get("format") == "rle" and isinstance(value.get("rle"), list):
+        oh, ow = int(region["original_height"]), int(region["original_width"])
+        full = rle_to_mask(value["rle"], oh, ow)
+        mask = cv2.resize(full.astype(np.uint8), (w, h), interpolation=cv2.INTER_AREA if oh > h else cv2.INTER_NEAREST) > 0
+        labels = value.get("brushlabels") or []
+    elif kind == "polygonlabels" and isinstance(value.get("points"), list) and len(value["points"]) >= 3:
+        pts = np.asarray(value["points"], dtype=np.float64) / 100 * [w, h]
+        canvas = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(canvas, [np.round(pts - 0.5).astype(np.int32).reshape(-1, 1, 2)], 1)
+        mask = canvas.astype(bool)
+        labels = value.get("polygonlabels") or []
+    else:
+        return None
+    return (labels[0] if labels else ""), mask
+
+
+def latest_annotation(task: dict) -> dict | None:
+    kept = [a for a in task.get("annotations") or [] if not a.get("was_cancelled") and a.get("result")]
+    return max(kept, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0)) if kept else None
+
+
+def task_objects(task: dict, config: ProjectConfig) -> list[ObjectMask]:
+    """Every brush / polygon object of the task's newest submitted annotation."""
+    annotation = latest_annotation(task)
+    if annotation is None:
+        return []
+    found = []
+    for region in annotation["result"]:
+        if region.get("to_name") != config.image_name:
+            continue
+        size = _input_size(region)
+        parsed = region_mask(region, size) if size else None
+        if parsed is not None and np.count_nonzero(parsed[1]) >= MIN_OBJECT_PIXELS:
+            found.append(ObjectMask(task["id"], parsed[0], parsed[1]))
+    return found
+
+
+def _union(result: list, input_size) -> np.ndarray | None:
+    masks = []
+    for region in result or []:
+        parsed = region_mask(region, input_size) if isinstance(region, dict) else None
+        if parsed is not None:
+            masks.append(parsed[1])
+    return np.logical_or.reduce(masks) if masks else None
+
+
+def draft_changes(tasks: list[dict]) -> dict[str, list[float]]:
+    """IoU between each submitted annotation and the prediction it was started from, per model version."""
+    by_version: dict[str, list[float]] = {}
+    for task in tasks:
+        predictions = {p.get("id"): p for p in task.get("predictions") or []}
+        for annotation in task.get("annotations") or []:
+            parent = annotation.get("parent_prediction")
+            prediction = predictions.get(parent)
+            if prediction is None or annotation.get("was_cancelled") or not prediction.get("model_version"):
+                continue
+            sizes = [_input_size(r) for r in (annotation.get("result") or []) + (prediction.get("result") or [])
+                     if isinstance(r, dict)]
+            size = next((s for s in sizes if s), None)
+            if size is None:
+                continue
+            ours, theirs = _union(prediction.get("result"), size), _union(annotation.get("result"), size)
+            empty = np.zeros(size, bool)
+            score = iou(empty if ours is None else ours, empty if theirs is None else theirs)
+            by_version.setdefault(prediction["model_version"], []).append(score)
+    return by_version
+
+
+def acceptance_summary(by_version: dict[str, list[float]]) -> dict[str, dict]:
+    return {version: {"corrections": len(scores), "mean_iou": float(np.mean(scores)),
+                      "unchanged": float(np.mean([s >= UNCHANGED_IOU for s in scores]))}
+            for version, scores in by_version.items()}
