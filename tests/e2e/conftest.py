@@ -100,6 +100,7 @@ class BackendServer:
             # the random test SAM draws speckled masks on tiny images: keep every part as a polygon
             POLYGON_MIN_AREA="0",
             PRELABEL_POINTS_PER_SIDE="4",  # segment everything with 16 prompts: seconds, not minutes
+            TRAIN_STEPS="15", TRAIN_MIN_CORRECTIONS="2", HEAD_RELOAD_SECONDS="0",  # a training run in seconds
         )
         self.log = open(workdir / f"backend-{self.port}.log", "wb")
         self.started = time.monotonic()

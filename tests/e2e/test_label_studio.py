@@ -389,3 +389,79 @@ def test_images_download_with_a_personal_access_token_when_legacy_tokens_are_off
             backend.stop()
     finally:
         label_studio.api("POST", "/api/jwt/settings", auth=bearer, json=dict(settings, legacy_api_tokens_enabled=True))
+
+
+def test_annotations_train_a_head_that_the_backend_serves_live(label_studio, backend):
+    """Real annotations in Label Studio -> START_TRAINING from Label Studio -> a train job on the
+    backend's worker -> a versioned head; `train` again from the CLI; rollback; clicks report the head."""
+    from backend.rle import mask_to_rle
+    from model.registry import HeadRegistry
+    from model.train import held_out
+
+    project = create_project(label_studio, ROOT / "label_config" / "brush_and_polygon.xml")
+    pid = project["id"]
+    folder = label_studio.files_root / f"p{pid}"
+    folder.mkdir()
+    ml_id = connect(label_studio, backend, pid)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    index = 0
+    while True:  # until a task falls in the held-out split (one in five, fixed by task id)
+        name = f"train{index:02d}.png"
+        (folder / name).write_bytes(make_image(WIDTH, HEIGHT, seed=600 + index))
+        imported = label_studio.api("POST", f"/api/projects/{pid}/import",
+                                    json=[{"data": {"image": f"/data/local-files/?d=p{pid}/{name}"}}])
+        assert imported.status_code == 201, imported.text
+        index += 1
+        ids = [t["id"] for t in label_studio.api("GET", "/api/tasks", params={"project": pid}).json()["tasks"]]
+        if index >= 6 and any(held_out(i) for i in ids) and sum(not held_out(i) for i in ids) >= 2:
+            break
+    local_storage(label_studio, pid, folder, sync=False)
+
+    def brush(cx: float, cy: float, r: float) -> dict:
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        return {"from_name": "brush", "to_name": "image", "type": "brushlabels", "original_width": WIDTH,
+                "original_height": HEIGHT, "image_rotation": 0,
+                "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]}}
+
+    draft = label_studio.api("POST", "/api/predictions", json={"task": ids[0], "model_version": "sam-e2e-draft",
+                                                                "result": [brush(30, 30, 12)], "score": 0.5})
+    assert draft.status_code == 201, draft.text
+    for n, task_id in enumerate(ids):  # two objects per image, as an annotator would submit them
+        annotation = {"result": [brush(25 + n % 5, 30, 12), brush(70, 40 + n % 4, 9)]}
+        if task_id == ids[0]:
+            annotation["parent_prediction"] = draft.json()["id"]  # corrected from our draft
+        created = label_studio.api("POST", f"/api/tasks/{task_id}/annotations", json=annotation)
+        assert created.status_code == 201, created.text
+
+    registry = HeadRegistry(Path(backend.env["MODEL_DIR"]) / "heads")
+    trained = label_studio.api("POST", f"/api/ml/{ml_id}/train")  # the "Start training" button
+    assert trained.status_code == 200, trained.text
+    deadline = time.monotonic() + 240
+    while not registry.versions(pid) and time.monotonic() < deadline:
+        time.sleep(1)
+    [first] = registry.versions(pid)
+    TIMINGS["training run"] = first.meta["train_seconds"]
+    assert first.meta["base_model_id"] in backend.model_version()
+    assert first.meta["corrections"]["train"] + first.meta["corrections"]["heldout"] == 2 * len(ids)
+    assert set(first.meta["metrics"]["candidate"]) >= {"miou", "miou_click", "miou_box", "boundary_iou", "noc85", "noc90"}
+    assert backend.metric(f'sam_draft_corrections{{model_version="sam-e2e-draft",project="{pid}"}}') == 1
+
+    # the CLI: queue a run on the worker, wait, print base / served / candidate
+    again = backend.cli("train", "--project", str(pid))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "candidate" in again.stdout and "v0002" in again.stdout
+    assert [v.version for v in registry.versions(pid)] == ["v0001", "v0002"]
+
+    # serve v0001, whatever the gate said about it: clicks through Label Studio report it at once
+    rolled = backend.cli("heads", "--project", str(pid), "--rollback", "v0001")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    context = {"result": [{"from_name": "kp", "to_name": "image", "type": "keypointlabels", "original_width": WIDTH,
+                           "original_height": HEIGHT, "image_rotation": 0,
+                           "value": {"x": 30.0, "y": 40.0, "width": 1.0, "keypointlabels": ["Object"]},
+                           "is_positive": True}]}
+    response = label_studio.api("POST", f"/api/ml/{ml_id}/interactive-annotating",
+                                json={"task": ids[0], "context": context})
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["model_version"].endswith(f"+head-p{pid}-v0001")
+    listing = backend.cli("heads", "--project", str(pid))
+    assert "* v0001" in listing.stdout and "v0002" in listing.stdout
