@@ -42,7 +42,7 @@ def _config(output: str) -> str:
     )
 
 
-def _click_body(url: str, output: str, x: float, y: float, size: tuple[int, int]) -> dict:
+def _click_body(url: str, output: str, x: float, y: float, size: tuple[int, int], project: int = 1) -> dict:
     width, height = size
     region = {
         "original_width": width, "original_height": height, "image_rotation": 0,
@@ -51,7 +51,7 @@ def _click_body(url: str, output: str, x: float, y: float, size: tuple[int, int]
     }
     return {
         "tasks": [{"id": 1, "data": {"image": url}}],
-        "project": "1.1", "label_config": _config(output),
+        "project": f"{project}.1", "label_config": _config(output),
         "params": {"login": None, "password": None, "context": {"result": [region]}},
     }
 
@@ -168,6 +168,8 @@ def run_click_bench(args) -> dict:
         session = requests.Session()
         # first click loads SAM in the worker and exports the decoder: not part of any figure
         _post(session, base, _click_body("/data/upload/warmup.jpg", "brush", 50, 50, (640, 480)))
+        if args.head:
+            _install_head(work / "models" / "heads", requests.get(base + "/health", timeout=10).json()["model_version"])
 
         figures: dict = {"model_type": args.model_type, "random_weights": bool(args.random_weights),
                          "device": args.device, "threads": args.threads, "sizes": {}}
@@ -190,6 +192,13 @@ def run_click_bench(args) -> dict:
                     stage.append(timing.get(output, 0.0) + _json_ms(body))
                     nbytes.append(len(body))
                 out_p50 = statistics.median(stage)
+                head_warm, head_stage = [], []
+                for _ in range(args.warm if args.head else 0):  # the same clicks on a project served a head
+                    x, y = rng.uniform(10, 90, size=2)
+                    elapsed, body, timing = _post(session, base, _click_body(f"/data/upload/{size_name}-0.jpg", output,
+                                                                            x, y, size, project=HEAD_PROJECT))
+                    head_warm.append(elapsed)
+                    head_stage.append(timing.get("head", float("nan")))
                 in_h, in_w = (1024, round(1024 * size[0] / size[1])) if size[1] > size[0] else (round(1024 * size[1] / size[0]), 1024)
                 from model.masks import logits_at_input
 
@@ -207,6 +216,9 @@ def run_click_bench(args) -> dict:
                     "smooth_warm_ms_p50": round(warm_p50 - out_p50 + smooth_ms, 2),
                     "cold_over_warm": round(_percentile(cold, 50) / warm_p50, 1),
                 }
+                if head_warm:
+                    row[output]["head_warm_ms"] = _stats(head_warm)
+                    row[output]["head_stage_ms_p50"] = round(statistics.median(head_stage), 2)
             figures["sizes"][size_name] = row
         store = redis.Redis.from_url(redis_server.url)
         sizes_stored = [store.strlen(k) for k in store.keys("sam-backend:emb:*")]
@@ -218,6 +230,20 @@ def run_click_bench(args) -> dict:
             stop_process(proc, grace=30, group=True)
         httpd.shutdown()
         redis_server.stop()
+
+
+HEAD_PROJECT = 2
+
+
+def _install_head(heads_dir: Path, model_version: str) -> None:
+    """Serve project HEAD_PROJECT a refinement head (untrained: a trained one costs the same time)."""
+    from model.refine import RefineHead
+    from model.registry import HeadRegistry
+
+    registry = HeadRegistry(heads_dir)
+    saved = registry.save(HEAD_PROJECT, RefineHead(), {"base_model_id": model_version.removeprefix("sam-"),
+                                                       "status": "promoted", "reason": "bench"})
+    registry.set_current(HEAD_PROJECT, saved.version, "bench click --head")
 
 
 def print_click_table(figures: dict) -> None:
@@ -236,6 +262,11 @@ def print_click_table(figures: dict) -> None:
                   f" {r['warm_ms']['p95']:>7.1f}ms {r['output_stage_ms_p50']:>8.1f}ms {r['response_bytes_p50']:>10}"
                   f" {r['smooth_output_stage_ms']:>9.1f}ms {r['smooth_warm_ms_p50']:>9.1f}ms {r['smooth_response_bytes']:>9}"
                   f" {r['cold_over_warm']:>8.1f}x")
+    for size_name, row in figures["sizes"].items():
+        for output, r in row.items():
+            if output != "cold_ms" and "head_warm_ms" in r:
+                print(f"{size_name:<6} {output:<8} with a refinement head: warm p50 {r['head_warm_ms']['p50']:.1f}ms, "
+                      f"p95 {r['head_warm_ms']['p95']:.1f}ms (head stage {r['head_stage_ms_p50']:.1f}ms)")
     emb = figures["embedding_bytes"]
     print(f"stored embedding: {emb['p50'] / 1e6:.2f} MB p50, {emb['max'] / 1e6:.2f} MB max over {emb['n']} images")
     print("out stage = mask -> regions -> JSON on the served (random-weight) mask; smooth = the same stage on an"

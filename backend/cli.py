@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     click.add_argument("--warm", type=int, default=20, help="warm clicks per size and output")
     click.add_argument("--threads", type=int, default=4)
     click.add_argument("--device", default="auto")
+    click.add_argument("--head", action="store_true",
+                       help="also time warm clicks on a project served a refinement head")
     click.set_defaults(func=cmd_bench_click)
 
     learn = bench_sub.add_parser("learn", help="held-out mIoU / NoC@90 of base vs refinement head as corrections arrive")

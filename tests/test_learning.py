@@ -286,6 +286,15 @@ def test_serving_worker_switches_head_live_and_refuses_a_corrupt_one(settings, m
     assert refined.json["results"][0]["model_version"] == f"{services.loader.model_version}+head-p7-v0001"
     assert brush_area(refined) > brush_area(plain)
     assert "head;dur=" in refined.headers["Server-Timing"]
+    # the image the head looks at was evicted from Redis (or cached before images were kept): downloaded again
+    import redis as redis_lib
+
+    redis_lib.Redis.from_url(settings.redis_url).delete(*redis_lib.Redis.from_url(settings.redis_url).keys("sam-backend:img:*"))
+    services.embedder._images.clear()
+    downloads = len(image_server.requests)
+    again = c.post("/predict", json=click_body("7.1700000000"))
+    assert again.status_code == 200 and brush_area(again) == brush_area(refined)
+    assert len(image_server.requests) == downloads + 1
     other = c.post("/predict", json=click_body("8.1700000000"))  # heads are per project
     assert other.json["results"][0]["model_version"] == services.loader.model_version
     assert c.post("/setup", json={**protocol_body("setup.json"), "project": "7.1700000000"}).json["model_version"] \

@@ -108,7 +108,7 @@ def test_bench_click_prints_a_table_and_a_json_last_line(tiny_checkpoint):
     env = dict(os.environ, SAM_CHECKPOINT=str(tiny_checkpoint), TORCH_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "backend.cli", "bench", "click", "--sizes", "1MP", "--cold", "1", "--warm", "2",
-         "--device", "cpu"],
+         "--device", "cpu", "--head"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -119,6 +119,7 @@ def test_bench_click_prints_a_table_and_a_json_last_line(tiny_checkpoint):
     for output in ("brush", "polygon"):
         assert row[output]["warm_ms"]["n"] == 2
         assert row[output]["response_bytes_p50"] > 0
+        assert row[output]["head_warm_ms"]["n"] == 2 and row[output]["head_stage_ms_p50"] > 0  # the head ran
     assert figures["embedding_bytes"]["n"] == 2  # the warm-up image and the cold one
     assert any("warm p50" in line for line in lines)
 
