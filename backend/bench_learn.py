@@ -44,7 +44,7 @@ def corrections(first_id: int, count: int, config) -> list[Correction]:
     for task_id in range(first_id, first_id + count):
         scene = make_scene(task_id)
         for obj in task_objects(annotated_task(task_id, scene.gt), config):
-            found.append(Correction(task_id, scene.image, obj.mask, scene.base_map, obj.label))
+            found.append(Correction(task_id, scene.image, obj.mask, scene.features, obj.label))
     return found
 
 

@@ -26,6 +26,12 @@ class Scene:
     image: np.ndarray  # RGB uint8
     gt: np.ndarray  # bool: the annotated object, thin parts included
     base_map: np.ndarray  # bool: what the stand-in base segments (objects + shadows, thin parts gone)
+    objects: np.ndarray  # bool: every object, thin parts included, no shadows
+
+    @property
+    def features(self) -> np.ndarray:
+        """What the stand-in base gets in place of SAM's embedding."""
+        return np.stack([self.base_map, self.objects])
 
 
 def _blob(rng: np.random.Generator, shape, centre, radius) -> np.ndarray:
@@ -75,7 +81,7 @@ def make_scene(seed: int, size: tuple[int, int] = (768, 1024)) -> Scene:
                                    cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13)))
         base_map |= blurred.astype(bool)
     image = np.clip(image, 0, 255).astype(np.uint8)
-    return Scene(image, shapes[0][0], base_map)
+    return Scene(image, shapes[0][0], base_map, np.logical_or.reduce([obj for obj, _ in shapes]))
 
 
 def _disk(shape, x: float, y: float, radius: int) -> np.ndarray:
@@ -85,12 +91,20 @@ def _disk(shape, x: float, y: float, radius: int) -> np.ndarray:
 
 
 class ShadowBleedBase:
-    """Stand-in for SAM's decoder: `features` is the scene's base map (see the module docstring)."""
+    """Stand-in for SAM's decoder; `features` is `Scene.features` (see the module docstring).
 
-    add_radius = 12
-    cut_radius = 22
+    A box or a click on an object takes the object's blob with its shadow and without its thin
+    parts. Further clicks work like SAM's, locally and imperfectly: a negative click cuts the
+    shadow around it (and nicks the object's edge there), a positive click on a missed part adds
+    that part of the object around it.
+    """
 
-    def __call__(self, base_map: np.ndarray, prompt: ModelPrompt) -> np.ndarray:
+    add_radius = 20
+    cut_radius = 30
+    nick = 4
+
+    def __call__(self, features: np.ndarray, prompt: ModelPrompt) -> np.ndarray:
+        base_map, objects = features[0].astype(bool), features[1].astype(bool)
         count, components = cv2.connectedComponents(base_map.astype(np.uint8), connectivity=8)
         mask = np.zeros(base_map.shape, bool)
         if prompt.box is not None:
@@ -104,14 +118,16 @@ class ShadowBleedBase:
             mask = np.isin(components, ids) & window
         points = [] if prompt.points is None else list(zip(prompt.points, prompt.labels))
         height, width = mask.shape
-        for (x, y), label in points:  # a click on an object takes the whole object (and its shadow)
+        for (x, y), label in points:  # a click on an object takes the whole blob (and its shadow)
             cid = components[min(int(y), height - 1), min(int(x), width - 1)]
             if label == 1 and cid > 0:
                 mask |= components == cid
-        for (x, y), label in points:  # a click elsewhere moves the mask only locally
+        for (x, y), label in points:  # later clicks correct locally
             if label == 0:
-                mask &= ~_disk(mask.shape, x, y, self.cut_radius)
+                mask &= ~(_disk(mask.shape, x, y, self.cut_radius) & ~objects)
+                mask &= ~_disk(mask.shape, x, y, self.nick)
             elif not mask[min(int(y), height - 1), min(int(x), width - 1)]:
-                mask |= _disk(mask.shape, x, y, self.add_radius)
+                near = _disk(mask.shape, x, y, self.add_radius)
+                mask |= (near & objects) if (near & objects).any() else _disk(mask.shape, x, y, 8)
         soft = cv2.GaussianBlur(np.where(mask, 8.0, -8.0).astype(np.float32), (0, 0), 1.5)
         return soft

@@ -80,7 +80,7 @@ def test_head_is_small_and_starts_as_plain_sam():
     base = ShadowBleedBase()
     prompt = ModelPrompt(np.array([[float(first_click(scene.gt).x), float(first_click(scene.gt).y)]], np.float32),
                          np.array([1]), None)
-    logits = base(scene.base_map, prompt)
+    logits = base(scene.features, prompt)
     refined = head.refine(scene.image, logits, prompt)
     assert refined.shape == logits.shape
     assert iou(refined > 0, logits > 0) > 0.99  # zero last layer: SAM's mask, up to crop resampling
