@@ -364,3 +364,21 @@ def test_every_accepts_durations():
     assert parse_every("90") == 90 and parse_every("30m") == 1800 and parse_every("6h") == 21600
     with pytest.raises(ValueError):
         parse_every("soon")
+
+
+def test_bench_learn_prints_a_table_and_a_json_last_line():
+    """The benchmark runs end to end on a tiny budget; its figures are not judged here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-m", "backend.cli", "bench", "learn", "--rounds", "3,6", "--heldout", "3",
+                             "--steps", "4"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode in (0, 1), result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert [r["corrections"] for r in figures["rounds"]] == [3, 6]
+    assert figures["heldout_objects"] == 3 and "noc90" in figures["base"]
+    assert result.returncode == (0 if figures["never_promoted_regression"] else 1)
+    assert any("served mIoU" in line for line in lines)
