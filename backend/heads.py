@@ -21,8 +21,13 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ServedHead:
+    project: int
     version: str
     head: RefineHead
+
+    @property
+    def model_version_suffix(self) -> str:
+        return f"+head-p{self.project}-{self.version}"
 
 
 class ServingHeads:
@@ -70,9 +75,9 @@ class ServingHeads:
             log.error("project %s: refusing head %s (%s); still serving %s", project, pointer, exc,
                       kept.version if kept else "plain SAM")
             return
-        self._served[project] = ServedHead(pointer, head)
+        self._served[project] = ServedHead(project, pointer, head)
         log.info("project %s: now serving refinement head %s", project, pointer)
 
     def version_suffix(self, project: int | None) -> str:
         served = self.for_project(project)
-        return "" if served is None else f"+head-p{project}-{served.version}"
+        return "" if served is None else served.model_version_suffix

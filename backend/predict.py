@@ -12,7 +12,7 @@ import numpy as np
 from backend.embeddings import Embedding, EmbeddingCache, content_digest
 from backend.errors import BackendError
 from backend.heads import ServedHead, ServingHeads
-from backend.images import ImageFetcher, decode_image
+from backend.images import ImageFetcher, decode_image, display_url
 from backend.jobs import BackgroundJobs
 from backend.label_config import ProjectConfig, parse_label_config
 from backend.metrics import Metrics
@@ -150,7 +150,7 @@ class Predictor:
         served = self.heads.for_project(project_id)
         embedding = self.embedder.for_url(url, timings)
         regions, score = self._segment(embedding, click.prompt, label, outputs, config, timings, served, url)
-        version = self.loader.model_version + ("" if served is None else f"+head-p{project_id}-{served.version}")
+        version = self.loader.model_version + ("" if served is None else served.model_version_suffix)
         return {"result": regions, "score": score, "model_version": version}
 
     def _batch(self, request: PredictRequest, config: ProjectConfig) -> list[dict]:
@@ -235,7 +235,11 @@ class Predictor:
         self.metrics.decoder.observe(elapsed)
         if served is not None and url is not None:
             start = time.perf_counter()
-            logits = served.head.refine(self.embedder.input_image(url), logits, model_prompt)
+            image = self.embedder.input_image(url)
+            if image.shape[:2] == tuple(embedding.input_size):
+                logits = served.head.refine(image, logits, model_prompt)
+            else:  # the file behind the URL changed since it was embedded: plain SAM rather than a misaligned head
+                log.warning("image %s no longer matches its embedding; serving plain SAM for this click", display_url(url))
             elapsed = time.perf_counter() - start
             timings.add("head", elapsed)
             self.metrics.head_seconds.observe(elapsed)

@@ -16,6 +16,7 @@ import numpy as np
 import redis
 
 from backend.corrections import acceptance_summary, draft_changes, task_objects
+from backend.errors import BackendError
 from backend.label_config import parse_label_config
 from backend.protocol import task_image_url
 from model.masks import logits_at_input
@@ -67,9 +68,14 @@ def collect_corrections(services, tasks: list[dict], config, progress: Progress)
     for done, task in enumerate(tasks):
         objects = task_objects(task, config)
         if objects:
-            url = task_image_url(task, config)
-            embedding = services.embedder.for_url(url)
-            image = services.embedder.input_image(url)
+            try:
+                url = task_image_url(task, config)
+                embedding = services.embedder.for_url(url)
+                image = services.embedder.input_image(url)
+            except BackendError as exc:  # one unreadable image must not cost the whole run
+                log.warning("task %s skipped: %s", task["id"], exc.message)
+                progress("corrections", done + 1, len(tasks))
+                continue
             for obj in objects:
                 if obj.mask.shape != tuple(embedding.input_size):
                     log.warning("task %s: annotation drawn on a %s image, the image is now %s; skipped",

@@ -238,7 +238,10 @@ def test_training_on_annotations_with_sam_writes_a_gated_checkpoint(settings, ma
     _, services = make_client(settings)
     tasks = synthetic_tasks(image_server, 14)
     assert sum(held_out(t["id"]) for t in tasks) >= 2
-    summary = train_on_tasks(services, 4, tasks, parse_label_config(CONFIG))
+    gone = annotated_task(99, make_scene(99).gt)  # its image was deleted from storage: skipped, not fatal
+    gone["data"]["image"] = image_server.url + "/data/upload/1/deleted.png"
+    summary = train_on_tasks(services, 4, tasks + [gone], parse_label_config(CONFIG))
+    assert summary["tasks"] == 15 and summary["corrections"] == 14
     assert summary["status"] in ("promoted", "rejected"), summary
     registry = HeadRegistry(settings.head_registry_dir)
     [version] = registry.versions(4)
