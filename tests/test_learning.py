@@ -385,3 +385,14 @@ def test_bench_learn_prints_a_table_and_a_json_last_line():
     assert figures["heldout_objects"] == 3 and "noc90" in figures["base"]
     assert result.returncode == (0 if figures["never_promoted_regression"] else 1)
     assert any("served mIoU" in line for line in lines)
+
+
+def test_train_command_says_what_is_missing(settings, capsys):
+    from backend.train_commands import train
+
+    assert train(settings.replace(label_studio_url=None), 1, inline=True, wait=True, every=None) == 2
+    assert "LABEL_STUDIO_URL" in capsys.readouterr().out
+    assert train(settings.replace(redis_url=None), 1, inline=False, wait=True, every=None) == 2
+    assert "--inline" in capsys.readouterr().out
+    assert train(settings, 1, inline=True, wait=True, every="soon") == 2
+    assert "duration" in capsys.readouterr().out
