@@ -83,8 +83,8 @@ def _train_queued(connection: redis.Redis, settings: Settings, project_id: int, 
             break  # done: finished jobs are deleted at once
         status = job.get_status(refresh=True)
         if status == JobStatus.FAILED:
-            print(f"training failed: {(job.latest_result().exc_string if job.latest_result() else '').strip()[-2000:]}",
-                  file=out)
+            result = job.latest_result()
+            print(f"training failed: {(result.exc_string if result else '').strip()[-2000:]}", file=out)
             return 1
         if jobs.abandoned(connection, job):
             jobs.enqueue_train(connection, project_id, settings.train_timeout)

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -96,9 +97,7 @@ class HeadRegistry:
             try:
                 os.rename(staging, directory / version)  # fails if another trainer took this number
             except OSError:
-                for f in staging.iterdir():
-                    f.unlink()
-                staging.rmdir()
+                shutil.rmtree(staging)
                 continue
             return HeadVersion(project, version, meta)
         raise HeadError(f"could not allocate a version number in {directory}")

@@ -105,7 +105,7 @@ class ShadowBleedBase:
 
     def __call__(self, features: np.ndarray, prompt: ModelPrompt) -> np.ndarray:
         base_map, objects = features[0].astype(bool), features[1].astype(bool)
-        count, components = cv2.connectedComponents(base_map.astype(np.uint8), connectivity=8)
+        _, components = cv2.connectedComponents(base_map.astype(np.uint8), connectivity=8)
         mask = np.zeros(base_map.shape, bool)
         if prompt.box is not None:
             x0, y0, x1, y1 = prompt.box

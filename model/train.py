@@ -234,7 +234,9 @@ def train_and_gate(train: list[Correction], heldout: list[Correction], base: Bas
     report("samples", 0, len(train))
     x, y = training_samples(train, base, config.head, config.seed)
     report("train", 0, config.steps)
-    step_report = lambda step, total, loss: report("train", step, total)  # noqa: E731
+    def step_report(step: int, total: int, loss: float) -> None:
+        report("train", step, total)
+
     warmup = int(config.steps * 0.6)
     start_from = None
     if served is not None and served.config == config.head:
