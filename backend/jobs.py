@@ -65,9 +65,19 @@ def _alive_key(job_id: str) -> str:
     return f"sam-backend:alive:{job_id}"
 
 
+def fetch_job(connection: redis.Redis, job_id: str) -> Job | None:
+    """A snapshot of the job (one HGETALL), or None once it is gone: finished jobs are deleted at
+    once (result_ttl=0), so gone means finished. Read its status with get_status(refresh=False):
+    a refresh is a second read, and the job can finish and vanish between the two."""
+    try:
+        return Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return None
+
+
 def abandoned(connection: redis.Redis, job: Job) -> bool:
     """Started, but its worker stopped beating: the worker died mid-job."""
-    if job.get_status(refresh=True) != JobStatus.STARTED or connection.exists(_alive_key(job.id)):
+    if job.get_status(refresh=False) != JobStatus.STARTED or connection.exists(_alive_key(job.id)):
         return False
     started = job.started_at
     if started is None:
@@ -92,11 +102,10 @@ def enqueue_unique(connection: redis.Redis, queue_name: str, func: str, args: tu
                            failure_ttl=24 * 3600, description=description)
             return "queued" if attempt == 0 else "requeued"
         except DuplicateJobError:
-            try:
-                job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-            except NoSuchJobError:
+            job = fetch_job(connection, job_id)
+            if job is None:
                 continue  # finished between the two calls
-            status = job.get_status(refresh=True)
+            status = job.get_status(refresh=False)
             if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED) or abandoned(connection, job):
                 log.info("replacing %s job %s", status, job_id)
                 job.delete()

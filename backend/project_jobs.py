@@ -7,9 +7,7 @@ import time
 
 import redis
 from rq import Worker
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
+from rq.job import JobStatus
 from tqdm import tqdm
 
 from backend import jobs
@@ -95,11 +93,8 @@ def _follow(connection: redis.Redis, queue_name: str, job_ids: dict[str, str], w
     with tqdm(total=len(job_ids), unit="job", desc=what, file=out) as bar:
         while pending:
             for job_id, name in list(pending.items()):
-                try:
-                    job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-                    status = job.get_status(refresh=True)
-                except NoSuchJobError:
-                    status = JobStatus.FINISHED
+                job = jobs.fetch_job(connection, job_id)
+                status = JobStatus.FINISHED if job is None else job.get_status(refresh=False)
                 if status == JobStatus.STARTED and jobs.abandoned(connection, job):
                     # enqueue_unique replaces an abandoned job with a fresh one
                     jobs.enqueue_unique(connection, queue_name, job.func_name, tuple(job.args), job_id,

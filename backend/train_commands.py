@@ -9,9 +9,7 @@ import time
 
 import redis
 from rq import Worker
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
+from rq.job import JobStatus
 from tqdm import tqdm
 
 from backend import jobs
@@ -77,11 +75,10 @@ def _train_queued(connection: redis.Redis, settings: Settings, project_id: int, 
         print(f"no worker listens on {jobs.TRAIN_QUEUE} yet: start `sam-backend worker` (or use --inline)", file=out)
     shown = None
     while True:
-        try:
-            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-        except NoSuchJobError:
+        job = jobs.fetch_job(connection, job_id)
+        if job is None:
             break  # done: finished jobs are deleted at once
-        status = job.get_status(refresh=True)
+        status = job.get_status(refresh=False)
         if status == JobStatus.FAILED:
             result = job.latest_result()
             print(f"training failed: {(result.exc_string if result else '').strip()[-2000:]}", file=out)
@@ -89,7 +86,7 @@ def _train_queued(connection: redis.Redis, settings: Settings, project_id: int, 
         if jobs.abandoned(connection, job):
             jobs.enqueue_train(connection, project_id, settings.train_timeout)
             print("the worker running the training died; queued again", file=out)
-        progress = job.get_meta(refresh=True).get("progress")
+        progress = job.get_meta(refresh=False).get("progress")
         if progress and progress != shown:
             shown = progress
             print(f"  {progress['stage']}: {progress['done']}/{progress['total']}", file=out, flush=True)

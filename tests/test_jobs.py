@@ -48,6 +48,22 @@ def test_a_failed_job_is_replaced_on_the_next_request(settings, image_server):
     assert len(conn.keys("sam-backend:emb:*")) == 1
 
 
+def test_a_job_that_finishes_and_vanishes_while_it_is_followed_reads_as_done(settings, image_server):
+    # CI once caught a job finishing between Job.fetch and a second status read: its hash was
+    # already deleted (result_ttl=0) and rq raised instead of reporting it done
+    conn = redis.Redis.from_url(settings.redis_url)
+    model_id = ModelLoader(settings).model_id
+    url = image_server.add("/data/upload/quick.png", make_image(40, 30))
+    assert jobs.enqueue_warm(conn, model_id, [url]) == 1
+    snapshot = jobs.fetch_job(conn, jobs.warm_job_id(model_id, url))
+    assert snapshot.get_status(refresh=False) == JobStatus.QUEUED
+    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)  # finishes, and its hash is deleted
+    assert not conn.exists(snapshot.key)
+    assert not jobs.abandoned(conn, snapshot)  # reads the snapshot, not the vanished hash
+    assert jobs.fetch_job(conn, snapshot.id) is None
+    assert jobs.enqueue_warm(conn, model_id, [url]) == 1  # done jobs do not block a new request
+
+
 def test_a_worker_killed_mid_job_loses_only_that_job_and_it_is_retried(settings, image_server, tmp_path):
     conn = redis.Redis.from_url(settings.redis_url)
     url = image_server.add("/data/upload/slow.png", make_image(48, 36))
