@@ -132,7 +132,11 @@ class Predictor:
 
     def model_version(self, project_id: int | None) -> str:
         """SAM's version, plus the project's refinement head when one is served."""
-        return self.loader.model_version + self.heads.version_suffix(project_id)
+        return self._version(self.heads.for_project(project_id))
+
+    def _version(self, served: ServedHead | None) -> str:
+        """The version of the head a result was actually made with, even if the pointer moved since."""
+        return self.loader.model_version + ("" if served is None else served.model_version_suffix)
 
     def predict(self, request: PredictRequest, timings: Timings) -> dict:
         config = parse_label_config(request.label_config)
@@ -150,8 +154,7 @@ class Predictor:
         served = self.heads.for_project(project_id)
         embedding = self.embedder.for_url(url, timings)
         regions, score = self._segment(embedding, click.prompt, label, outputs, config, timings, served, url)
-        version = self.loader.model_version + ("" if served is None else served.model_version_suffix)
-        return {"result": regions, "score": score, "model_version": version}
+        return {"result": regions, "score": score, "model_version": self._version(served)}
 
     def _batch(self, request: PredictRequest, config: ProjectConfig) -> list[dict]:
         """One entry per task, in task order (Label Studio drops the whole answer otherwise).
@@ -198,7 +201,7 @@ class Predictor:
             regions.extend(found)
             scores.append(score)
         score = sum(scores) / len(scores) if scores else 0.0
-        return {"result": regions, "score": score, "model_version": self.model_version(project_id)}
+        return {"result": regions, "score": score, "model_version": self._version(served)}
 
     def draft(self, task: dict, embedding: Embedding, config: ProjectConfig, timings: Timings,
               project_id: int | None = None) -> dict:
