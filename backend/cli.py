@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--model-type", choices=("vit_b", "vit_l", "vit_h"))
     download.set_defaults(func=cmd_download)
 
-    worker = sub.add_parser("worker", help="run an RQ worker that embeds images in the background (needs REDIS_URL)")
+    worker = sub.add_parser("worker", help="run an RQ worker for background embedding, pre-labelling and training (needs REDIS_URL)")
     worker.add_argument("--queues", default="sam-warm,sam-prelabel,sam-train",
                         help="comma list of queues, first served first (default sam-warm,sam-prelabel,sam-train)")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
