@@ -1,4 +1,5 @@
-"""Typed errors. Each carries its HTTP status; app.py is the one place that maps them."""
+"""Typed errors. Each carries its HTTP status; backend/web/app.py maps them to answers and
+backend/commands/cli.py to exit codes, each in one place."""
 
 
 class BackendError(Exception):
@@ -45,6 +46,19 @@ class UnsupportedInput(BackendError):
 
 class ImageUnavailable(BackendError):
     """The image could not be downloaded (upstream error, timeout, refused credentials)."""
+
+    status = 502
+
+
+class NotConfigured(BackendError):
+    """The backend lacks a setting it needs for this (LABEL_STUDIO_URL, REDIS_URL, ...): the
+    server's problem, not the caller's; the message names what to set."""
+
+    status = 503
+
+
+class LabelStudioUnavailable(BackendError):
+    """Label Studio's API refused or failed a call: wrong project id, revoked token, server down."""
 
     status = 502
 

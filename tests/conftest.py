@@ -19,7 +19,8 @@ import redis
 import torch
 from PIL import Image
 
-from backend.app import Services, create_app
+from backend.services import Services
+from backend.web.app import create_app
 from backend.settings import Settings
 
 FIXTURE_PROTOCOL_DIR = Path(__file__).resolve().parent / "protocol"
@@ -238,3 +239,10 @@ def make_client():
 @pytest.fixture
 def client(settings, make_client):
     return make_client(settings)
+
+
+def work_queues(settings: Settings, queue_names: list[str]) -> int:
+    """A real RQ worker (the SimpleWorker `sam-backend worker` runs) works the queues until they are empty."""
+    from backend.jobs.worker import run_worker
+
+    return run_worker(Services.build(settings), queue_names, burst=True)

@@ -12,14 +12,14 @@ import redis
 from label_studio_sdk.label_interface import LabelInterface
 from werkzeug.serving import make_server
 
-from backend import jobs
-from backend.app import create_app
-from backend.embeddings import EmbeddingCache
-from backend.rle import rle_to_mask
+from backend.jobs import queues as jobs
+from backend.web.app import create_app
+from backend.pipeline.embeddings import EmbeddingCache
+from backend.labelstudio.rle import rle_to_mask
 from model.masks import logits_at_input, mask_at_original
 from model.prompts import Prompt, to_model
 from model.sam import SamModel
-from tests.conftest import TOKEN, free_port, make_image, protocol_body
+from tests.conftest import TOKEN, free_port, make_image, protocol_body, work_queues
 
 LOCAL_IMAGE = "/data/local-files/?d=local/img_local.png"
 
@@ -39,7 +39,7 @@ def with_image(body: dict, url: str) -> dict:
 
 def run_warm_worker(settings) -> None:
     """A real RQ worker (the code `sam-backend worker` runs), in burst mode: it empties the queue and returns."""
-    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
 
 
 def metric(client, name: str) -> float:
@@ -95,7 +95,7 @@ def test_keypoint_click_returns_valid_brush_and_polygon_of_the_right_mask(client
 
     # the same prompt straight through the model: positive (37.5 %, 41.67 %), negative (80 %, 80 %)
     model = SamModel.load(tiny_checkpoint, services.loader.digest, "cpu")
-    from backend.images import decode_image
+    from backend.pipeline.images import decode_image
 
     image = decode_image(make_image(80, 60), 10**8)
     features = model.encode(image.input_image).astype(np.float16).astype(np.float32)
@@ -170,7 +170,7 @@ def test_batch_predict_returns_one_entry_per_task_in_order_and_queues_drafts(cli
     assert all("result" not in r for r in results)
     store = redis.Redis.from_url(settings.redis_url)
     queued = jobs.queue(store, jobs.PRELABEL_QUEUE).job_ids
-    assert sorted(queued) == sorted(jobs.prelabel_job_id(services.loader.model_version, t["id"]) for t in body["tasks"])
+    assert sorted(queued) == sorted(jobs.prelabel_job_id(services.loader.model_id, t["id"]) for t in body["tasks"])
     # the same batch again while the jobs wait (Label Studio calls on every task open): nothing twice
     c.post("/predict", json=body)
     assert len(jobs.queue(store, jobs.PRELABEL_QUEUE).job_ids) == 3
@@ -332,8 +332,8 @@ def test_url_digest_lets_warm_clicks_skip_the_download(client, served):
 
 
 def test_draft_has_one_mask_per_imported_box_with_its_label(client, served):
-    from backend.label_config import parse_label_config
-    from backend.predict import Timings
+    from backend.labelstudio.label_config import parse_label_config
+    from backend.pipeline.timings import Timings
 
     c, services = client
     body = copy.deepcopy(protocol_body("predict_batch.json"))
@@ -353,8 +353,8 @@ def test_draft_has_one_mask_per_imported_box_with_its_label(client, served):
 
 
 def test_draft_without_boxes_segments_everything_above_the_minimum_area(settings, make_client, served):
-    from backend.label_config import parse_label_config
-    from backend.predict import Timings
+    from backend.labelstudio.label_config import parse_label_config
+    from backend.pipeline.timings import Timings
 
     body = copy.deepcopy(protocol_body("predict_batch.json"))
     config = parse_label_config(body["label_config"])
@@ -398,9 +398,9 @@ def test_opening_a_task_also_queues_the_next_ones(client, served, settings):
     body["tasks"] = body["tasks"][:1]  # Label Studio's call when an annotator opens task 1
     assert c.post("/predict", json=body).status_code == 200
     store = redis.Redis.from_url(settings.redis_url)
-    assert jobs.queue(store, jobs.PRELABEL_QUEUE).job_ids == [jobs.prelabel_job_id(services.loader.model_version, 1)]
+    assert jobs.queue(store, jobs.PRELABEL_QUEUE).job_ids == [jobs.prelabel_job_id(services.loader.model_id, 1)]
     prefetch = jobs.queue(store, jobs.WARM_QUEUE).jobs
-    assert [(j.func_name, j.args) for j in prefetch] == [("backend.jobs.warm_next_tasks", [1, 1, 3])]
+    assert [(j.func_name, j.args) for j in prefetch] == [("backend.jobs.tasks.warm_next_tasks", [1, 1, 3])]
     many = copy.deepcopy(protocol_body("predict_batch.json"))  # "Retrieve predictions" on 3 tasks: no prefetch
     assert c.post("/predict", json=many).status_code == 200
     assert len(jobs.queue(store, jobs.WARM_QUEUE).jobs) == 1

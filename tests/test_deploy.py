@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backend.cli import build_parser
-from backend.label_config import parse_label_config
+from backend.commands.cli import build_parser
+from backend.labelstudio.label_config import parse_label_config
 from backend.settings import ENV_VARS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from backend.export_coco import to_coco
-from backend.label_config import parse_label_config
-from backend.rle import mask_to_rle
+from backend.commands.export_coco import to_coco
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.rle import mask_to_rle
 from tests.conftest import protocol_body
 
 CONFIG = parse_label_config(protocol_body("setup.json")["schema"])

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from backend.errors import HostNotAllowed, ImageTooLarge, ImageUnavailable, InvalidRequest, UnsupportedInput
-from backend.images import ImageFetcher, decode_image
+from backend.pipeline.images import ImageFetcher, decode_image
 from backend.settings import Settings
 from tests.conftest import TOKEN, make_image
 
@@ -266,7 +266,7 @@ def test_refused_personal_access_token_says_so(image_server):
 
 
 def test_presigned_credentials_never_appear_in_messages(image_server):
-    from backend.images import display_url
+    from backend.pipeline.images import display_url
 
     url = "https://bucket.s3.amazonaws.com/a.jpg?X-Amz-Credential=AKIA123&X-Amz-Signature=deadbeef&X-Amz-Expires=60"
     shown = display_url(url)

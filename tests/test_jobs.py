@@ -15,36 +15,36 @@ import redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from backend import jobs
-from backend.model_loader import ModelLoader
-from tests.conftest import TOKEN, make_image
+from backend.jobs import queues as jobs
+from backend.pipeline.model_loader import ModelLoader
+from tests.conftest import TOKEN, make_image, work_queues
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_job_is_queued_once_while_it_waits(redis_url):
     conn = redis.Redis.from_url(redis_url)
-    args = (jobs.WARM_QUEUE, "backend.jobs.warm_image", ("/data/x.png",), "warm-test-1", "embed x")
+    args = (jobs.WARM_QUEUE, "backend.jobs.tasks.warm_image", ("/data/x.png",), "warm-test-1", "embed x")
     assert jobs.enqueue_unique(conn, *args) == "queued"
     assert jobs.enqueue_unique(conn, *args) == "waiting"
     assert jobs.queue(conn).count == 1
     job = Job.fetch("warm-test-1", connection=conn, serializer=JSONSerializer)
     assert job.args == ["/data/x.png"]
     stored = json.loads(zlib.decompress(conn.hget(job.key, "data")))  # plain JSON: nothing to unpickle
-    assert stored[0] == "backend.jobs.warm_image" and stored[2] == ["/data/x.png"]
+    assert stored[0] == "backend.jobs.tasks.warm_image" and stored[2] == ["/data/x.png"]
 
 
 def test_a_failed_job_is_replaced_on_the_next_request(settings, image_server):
     conn = redis.Redis.from_url(settings.redis_url)
     model_id = ModelLoader(settings).model_id
     assert jobs.enqueue_warm(conn, model_id, ["/data/upload/missing.png"]) == 1
-    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
     job = Job.fetch(jobs.warm_job_id(model_id, "/data/upload/missing.png"), connection=conn, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.FAILED
     assert "404" in job.latest_result().exc_string
     image_server.add("/data/upload/missing.png", make_image(40, 30))  # the file appears
     assert jobs.enqueue_warm(conn, model_id, ["/data/upload/missing.png"]) == 1
-    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
     assert len(conn.keys("sam-backend:emb:*")) == 1
 
 
@@ -57,7 +57,7 @@ def test_a_job_that_finishes_and_vanishes_while_it_is_followed_reads_as_done(set
     assert jobs.enqueue_warm(conn, model_id, [url]) == 1
     snapshot = jobs.fetch_job(conn, jobs.warm_job_id(model_id, url))
     assert snapshot.get_status(refresh=False) == JobStatus.QUEUED
-    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)  # finishes, and its hash is deleted
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0  # finishes, and its hash is deleted
     assert not conn.exists(snapshot.key)
     assert not jobs.abandoned(conn, snapshot)  # reads the snapshot, not the vanished hash
     assert jobs.fetch_job(conn, snapshot.id) is None
@@ -71,7 +71,7 @@ def test_a_worker_killed_mid_job_loses_only_that_job_and_it_is_retried(settings,
     env = dict(os.environ, SAM_CHECKPOINT=settings.sam_checkpoint, REDIS_URL=settings.redis_url,
                LABEL_STUDIO_URL=settings.label_studio_url, LABEL_STUDIO_API_KEY=TOKEN,
                MODEL_DIR=str(tmp_path / "models"), DEVICE="cpu", TORCH_THREADS="1")
-    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--queues", jobs.WARM_QUEUE],
+    worker = subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "worker", "--queues", jobs.WARM_QUEUE],
                               cwd=ROOT, env=env)
     model_id = ModelLoader(settings).model_id
     job_id = jobs.warm_job_id(model_id, url)
@@ -97,7 +97,7 @@ def test_a_worker_killed_mid_job_loses_only_that_job_and_it_is_retried(settings,
     image_server.delays.clear()
     assert jobs.enqueue_warm(conn, model_id, [url]) == 1  # queued again, once
     assert jobs.queue(conn).count == 1
-    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
     assert len(conn.keys("sam-backend:emb:*")) == 1
     assert not conn.exists(f"rq:job:{job_id}")  # done and forgotten
 
@@ -113,7 +113,7 @@ def test_metrics_show_job_counts_per_queue(settings, make_client, image_server):
         return next(float(l.split(" ")[-1]) for l in c.get("/metrics").data.decode().splitlines() if l.startswith(line))
 
     assert gauge("sam-warm", "queued") == 2 and gauge("sam-warm", "done") == 0
-    jobs.run_worker(settings, [jobs.WARM_QUEUE], burst=True)
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
     assert gauge("sam-warm", "queued") == 0
     assert gauge("sam-warm", "done") == 1 and gauge("sam-warm", "failed") == 1
     assert gauge("sam-prelabel", "queued") == 0

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend import jobs
-from backend.bench_learn import CONFIG, annotated_task, corrections
-from backend.corrections import draft_changes, task_objects
-from backend.label_config import parse_label_config
-from backend.rle import mask_to_rle, rle_to_mask
-from backend.train_commands import heads as heads_command, parse_every
-from backend.training import acceptance_rows, train_on_tasks
+from backend.jobs import queues as jobs
+from backend.bench.learn import CONFIG, annotated_task, corrections
+from backend.labelstudio.corrections import draft_changes, task_objects
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.rle import mask_to_rle, rle_to_mask
+from backend.commands.train import heads as heads_command, parse_every
+from backend.jobs.training import acceptance_rows, train_on_tasks
 from model.interactive import boundary_iou, first_click, iou, next_click, noc
 from model.prompts import ModelPrompt
 from model.refine import RefineHead
@@ -352,7 +352,7 @@ def test_annotation_webhooks_queue_one_debounced_training_run(settings, make_cli
 def test_acceptance_figures_reach_metrics(settings, make_client, redis_url):
     import redis as redis_lib
 
-    from backend.training import record_acceptance
+    from backend.jobs.training import record_acceptance
 
     c, _ = make_client(settings)
     record_acceptance(redis_lib.Redis.from_url(redis_url), 9, {"sam-v": {"corrections": 4, "mean_iou": 0.8,
@@ -375,7 +375,7 @@ def test_bench_learn_prints_a_table_and_a_json_last_line():
     import sys
     from pathlib import Path
 
-    result = subprocess.run([sys.executable, "-m", "backend.cli", "bench", "learn", "--rounds", "3,6", "--heldout", "3",
+    result = subprocess.run([sys.executable, "-m", "backend.commands.cli", "bench", "learn", "--rounds", "3,6", "--heldout", "3",
                              "--steps", "4"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode in (0, 1), result.stderr[-2000:]
@@ -388,7 +388,7 @@ def test_bench_learn_prints_a_table_and_a_json_last_line():
 
 
 def test_train_command_says_what_is_missing(settings, capsys):
-    from backend.train_commands import train
+    from backend.commands.train import train
 
     assert train(settings.replace(label_studio_url=None), 1, inline=True, wait=True, every=None) == 2
     assert "LABEL_STUDIO_URL" in capsys.readouterr().out

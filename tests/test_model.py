@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.bench import smooth_logits
-from backend.embeddings import CorruptEmbedding, Embedding, deserialize, serialize
-from backend.images import decode_image
+from backend.bench.click import smooth_logits
+from backend.pipeline.embeddings import CorruptEmbedding, Embedding, deserialize, serialize
+from backend.pipeline.images import decode_image
 from model import masks
 from model.prompts import Prompt, preprocess_shape, to_model
 from model.sam import SamModel
@@ -85,8 +85,8 @@ def test_fresh_and_cached_embeddings_are_identical():
 @pytest.mark.parametrize("size", [(750, 1000), (3648, 5472), (600, 400)])
 def test_polygons_rasterise_back_to_the_mask(size):
     """Polygons at the default tolerance, drawn back at full resolution, cover the brush mask (IoU >= 0.98)."""
-    from backend.label_config import OutputTag
-    from backend.results import polygon_regions
+    from backend.labelstudio.label_config import OutputTag
+    from backend.labelstudio.results import polygon_regions
     from backend.settings import Settings
 
     height, width = size

@@ -1,4 +1,4 @@
-"""backend/protocol.py and backend/label_config.py on request bodies Label Studio 1.23.2 really sent."""
+"""backend/web/protocol.py, backend/labelstudio/prompts.py and label_config.py on request bodies Label Studio 1.23.2 really sent."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import copy
 import pytest
 
 from backend.errors import InvalidRequest, UnservableConfig, UnsupportedInput
-from backend.label_config import parse_label_config
-from backend.protocol import ClickPrompt, parse_click, parse_predict, task_image_url
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.prompts import ClickPrompt, parse_click, task_image_url
+from backend.labelstudio.protocol import BatchRequest, ClickRequest, parse_predict, project_number
 from tests.conftest import protocol_body
 
 BATCH = "predict_batch.json"
@@ -39,26 +40,27 @@ def rectangle_regions() -> list[dict]:
 def test_parse_predict_batch_body():
     raw = body(BATCH)
     request = parse_predict(raw)
+    assert isinstance(request, BatchRequest)  # batch: params.context is null
     assert [t["id"] for t in request.tasks] == [1, 2, 3]
-    assert request.label_config == raw["label_config"]
-    assert request.project == "1.1795392730"
-    assert request.context is None  # batch: params.context is null
+    assert request.config == parse_label_config(raw["label_config"])
+    assert request.project_id == 1
 
 
 def test_parse_predict_interactive_bodies():
-    for name, n_regions in ((KEYPOINT, 2), (RECTANGLE, 1)):
-        request = parse_predict(body(name))
-        assert len(request.tasks) == 1 and request.tasks[0]["id"] == 1
-        assert request.project == "1.1795392730"
-        assert isinstance(request.context, list) and len(request.context) == n_regions
+    for name, n_points, box in ((KEYPOINT, 2, False), (RECTANGLE, 0, True)):
+        raw = body(name)
+        request = parse_predict(raw)
+        assert isinstance(request, ClickRequest)
+        assert request.task["id"] == 1 and request.project_id == 1
+        assert request.image_url == raw["tasks"][0]["data"]["image"]
+        assert len(request.click.prompt.points) == n_points and (request.click.prompt.box is not None) == box
 
 
-def test_parse_predict_numeric_project_becomes_string():
-    raw = body(BATCH)
-    raw["project"] = 7
-    assert parse_predict(raw).project == "7"
-    del raw["project"]
-    assert parse_predict(raw).project is None
+@pytest.mark.parametrize("project, number", [(7, 7), ("7", 7), ("12.1795392730", 12), (None, None), (True, None),
+                                             ("\u00b2", None), ("111111111111111", None), ("-3.1", None), ("", None)])
+def test_project_number(project, number):
+    # "²" is a digit to str.isdigit but not to int(): it once answered 500
+    assert project_number(project.encode().decode("unicode_escape") if isinstance(project, str) else project) == number
 
 
 @pytest.mark.parametrize("raw", [None, [], "tasks", 3])
@@ -110,17 +112,15 @@ def test_parse_predict_rejects_malformed_context(context):
 def test_empty_context_result_is_nothing_to_segment(config):
     raw = body(KEYPOINT)
     raw["params"]["context"]["result"] = []
-    request = parse_predict(raw)
-    assert request.context == []
     with pytest.raises(InvalidRequest, match="empty"):
-        parse_click(request.context, config)
+        parse_predict(raw)
 
 
 # ---------------------------------------------------------------- parse_click
 
 
 def test_parse_click_keypoints(config):
-    click = parse_click(parse_predict(body(KEYPOINT)).context, config)
+    click = parse_click(body(KEYPOINT)["params"]["context"]["result"], config)
     assert isinstance(click, ClickPrompt)
     assert click.label == "Object"
     assert len(click.prompt.points) == 2
@@ -132,7 +132,7 @@ def test_parse_click_keypoints(config):
 
 
 def test_parse_click_rectangle(config):
-    click = parse_click(parse_predict(body(RECTANGLE)).context, config)
+    click = parse_click(body(RECTANGLE)["params"]["context"]["result"], config)
     assert click.label == "Object"
     assert click.prompt.points == ()
     assert click.prompt.box == pytest.approx((0.2, 0.225, 0.55, 0.525), abs=1e-9)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend.rle import encode_values, mask_to_rle, rle_to_mask
+from backend.labelstudio.rle import encode_values, mask_to_rle, rle_to_mask
 
 CHUNK = 1 << 16  # the SDK splits runs longer than 2**16 values
 

@@ -38,7 +38,7 @@ def test_serve_with_embedded_redis_answers_clicks_from_two_workers(tiny_checkpoi
     env.update(SAM_CHECKPOINT=str(tiny_checkpoint), MODEL_DIR=str(model_dir), LABEL_STUDIO_URL=image_server.url,
                LABEL_STUDIO_API_KEY=TOKEN, DEVICE="cpu", TORCH_THREADS="1", LOG_LEVEL="WARNING")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        [sys.executable, "-m", "backend.commands.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
         cwd=ROOT, env=env, start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
@@ -87,7 +87,7 @@ def test_serve_with_embedded_redis_answers_clicks_from_two_workers(tiny_checkpoi
 def test_serve_without_a_checkpoint_offline_says_where_to_put_it(tmp_path):
     env = dict(os.environ, SAM_CHECKPOINT=str(tmp_path / "missing.pth"), MODEL_DIR=str(tmp_path))
     result = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "serve", "--port", str(free_port())],
+        [sys.executable, "-m", "backend.commands.cli", "serve", "--port", str(free_port())],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
@@ -96,7 +96,7 @@ def test_serve_without_a_checkpoint_offline_says_where_to_put_it(tmp_path):
 
 def test_bad_setting_is_refused_at_start(tmp_path):
     env = dict(os.environ, SAM_MODEL_TYPE="vit_x", MODEL_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-m", "backend.cli", "serve"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "backend.commands.cli", "serve"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "SAM_MODEL_TYPE" in result.stderr
 
@@ -107,7 +107,7 @@ def test_bench_click_prints_a_table_and_a_json_last_line(tiny_checkpoint):
 
     env = dict(os.environ, SAM_CHECKPOINT=str(tiny_checkpoint), TORCH_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "bench", "click", "--sizes", "1MP", "--cold", "1", "--warm", "2",
+        [sys.executable, "-m", "backend.commands.cli", "bench", "click", "--sizes", "1MP", "--cold", "1", "--warm", "2",
          "--device", "cpu", "--head"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -126,6 +126,6 @@ def test_bench_click_prints_a_table_and_a_json_last_line(tiny_checkpoint):
 
 def test_bench_click_refuses_to_run_without_weights(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SAM_CHECKPOINT"}
-    result = subprocess.run([sys.executable, "-m", "backend.cli", "bench", "click"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "backend.commands.cli", "bench", "click"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "--random-weights" in result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend.server import stop_process
+from backend.web.server import stop_process
 from tests.conftest import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,18 +105,18 @@ class BackendServer:
         self.log = open(workdir / f"backend-{self.port}.log", "wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "backend.commands.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_http(self.url + "/health", self.proc, 120, "sam-backend")
 
     def worker(self, *args: str) -> subprocess.Popen:
         """A `sam-backend worker` process with this backend's settings (any number may run at once)."""
-        return subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", *args], cwd=ROOT, env=self.env,
+        return subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "worker", *args], cwd=ROOT, env=self.env,
                                 stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=ROOT, env=self.env,
+        return subprocess.run([sys.executable, "-m", "backend.commands.cli", *args], cwd=ROOT, env=self.env,
                               capture_output=True, text=True, timeout=120)
 
     def model_version(self) -> str:

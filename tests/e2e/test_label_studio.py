@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.label_config import parse_label_config
-from backend.rle import rle_to_mask
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.rle import rle_to_mask
 from tests.conftest import make_image
 from tests.e2e.conftest import ROOT, TIMINGS, BackendServer
 
@@ -326,7 +326,7 @@ def test_imported_images_are_embedded_before_anyone_asks(label_studio, backend, 
 def test_opening_a_task_embeds_the_next_ones(label_studio, backend, e2e_redis):
     import redis
 
-    from backend import jobs
+    from backend.jobs import queues as jobs
 
     project = create_project(label_studio, ROOT / "label_config" / "single_object_polygon.xml")
     folder = label_studio.files_root / f"p{project['id']}"
@@ -394,7 +394,7 @@ def test_images_download_with_a_personal_access_token_when_legacy_tokens_are_off
 def test_annotations_train_a_head_that_the_backend_serves_live(label_studio, backend):
     """Real annotations in Label Studio -> START_TRAINING from Label Studio -> a train job on the
     backend's worker -> a versioned head; `train` again from the CLI; rollback; clicks report the head."""
-    from backend.rle import mask_to_rle
+    from backend.labelstudio.rle import mask_to_rle
     from model.registry import HeadRegistry
     from model.train import held_out
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from backend.errors import UnservableConfig
-from backend.label_config import smart_tool_problems
+from backend.labelstudio.client import LabelStudioApi
+from backend.labelstudio.label_config import parse_label_config, smart_tool_problems
 from backend.settings import Settings
 
 NEXT_STEPS = """\
@@ -18,18 +19,11 @@ The first click on an image waits for the SAM encoder (~25 s for vit_b on a CPU)
 
 
 def connect(settings: Settings, project_id: int, url: str, title: str, out=sys.stdout) -> int:
-    from label_studio_sdk import LabelStudio
-    from label_studio_sdk.core.api_error import ApiError
-
     if not settings.label_studio_url or not settings.label_studio_api_key:
         print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (an admin's token) to connect", file=out)
         return 2
-    client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
-    try:
-        project = client.projects.get(project_id)
-    except ApiError as exc:
-        print(f"error: cannot read project {project_id} from {settings.label_studio_url}: HTTP {exc.status_code}", file=out)
-        return 2
+    api = LabelStudioApi.from_settings(settings)
+    project = api.project(project_id)  # LabelStudioUnavailable names the problem; the CLI reports it
     try:
         problems = smart_tool_problems(project.label_config or "")
     except UnservableConfig as exc:
@@ -48,21 +42,9 @@ def connect(settings: Settings, project_id: int, url: str, title: str, out=sys.s
                        basic_auth_pass=settings.basic_auth_pass)
     else:
         options.update(auth_method="NONE")
-    try:
-        existing = [m for m in client.ml.list(project=project_id) if (m.url or "").rstrip("/") == url.rstrip("/")]
-        if existing:
-            backend = client.ml.update(existing[0].id, project=project_id, **options)
-        else:
-            backend = client.ml.create(project=project_id, **options)
-    except ApiError as exc:
-        print(f"error: Label Studio refused the backend at {url}: HTTP {exc.status_code} {exc.body}", file=out)
-        print("Check that Label Studio can reach that URL; for a backend on a local address start Label Studio with "
-              "LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false and LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false.", file=out)
-        return 1
-    from backend.label_config import parse_label_config
-
+    backend_id = api.register_backend(project_id, url, **options)
     config = parse_label_config(project.label_config)
     outputs = " and ".join(sorted({"a brush mask" if o.kind == "brush" else "polygons" for o in config.outputs}))
     print(NEXT_STEPS.format(title=title, url=url, project=project_id, project_title=project.title,
-                            ml_id=backend.id, outputs=outputs), file=out)
+                            ml_id=backend_id, outputs=outputs), file=out)
     return 0

@@ -2,100 +2,45 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import logging
 import time
 
-import redis
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend.embeddings import EmbeddingCache
 from backend.errors import BackendError, InvalidRequest, Unauthorized
-from backend.images import ImageFetcher
-from backend.label_config import parse_label_config
-from backend.metrics import Metrics
-from backend.model_loader import ModelLoader
-from backend.heads import ServingHeads
-from backend.jobs import BackgroundJobs, job_counts
-from backend.ls_client import LabelStudioApi
-from backend.predict import Embedder, Predictor, Timings
-from backend.protocol import parse_predict, project_number
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.protocol import BatchRequest, parse_predict, project_number
+from backend.pipeline.timings import Timings
+from backend.services import Services
 from backend.settings import Settings
-from backend.training import acceptance_rows
-from model.registry import HeadRegistry
 
 log = logging.getLogger(__name__)
 
-_SETUP_KEY = "sam-backend:setup"
 
+def batch_answer(services: Services, request: BatchRequest) -> list[dict]:
+    """One entry per task, in task order (Label Studio drops the whole answer otherwise).
 
-@dataclasses.dataclass
-class Services:
-    settings: Settings
-    metrics: Metrics
-    loader: ModelLoader
-    cache: EmbeddingCache
-    fetcher: ImageFetcher
-    embedder: Embedder
-    predictor: Predictor
-    redis: redis.Redis | None
-
-    @classmethod
-    def build(cls, settings: Settings, loader: ModelLoader | None = None) -> "Services":
-        metrics = Metrics()
-        client = None
-        if settings.redis_url:
-            # short timeouts: an unreachable Redis must cost a click milliseconds, not seconds
-            client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+    Drafts take seconds to minutes on a CPU, so none is made here: each task gets a pre-label job
+    (sam-prelabel queue) that embeds the image, drafts it and posts the prediction to Label Studio
+    itself. The entries carry no "result": Label Studio skips them without storing an empty
+    prediction, which would stop it from asking again for this model version.
+    """
+    settings, project_id = services.settings, request.project_id
+    status = "no draft: PRELABEL_ON_PREDICT is off"
+    if settings.prelabel_on_predict:
+        task_ids = [t["id"] for t in request.tasks if isinstance(t.get("id"), int)]
+        if project_id is not None and task_ids:
+            services.background.prelabel(project_id, task_ids)
+            status = "draft queued"
+            if len(task_ids) == 1 and settings.prefetch_tasks:  # an annotator opened this task
+                services.background.prefetch(project_id, task_ids[0], settings.prefetch_tasks)
         else:
-            log.warning("REDIS_URL is not set: embeddings are cached in this process only")
-        loader = loader or ModelLoader(settings)
-        cache = EmbeddingCache(
-            client, metrics, settings.embedding_ttl, settings.embedding_lru_size, settings.url_digest_ttl
-        )
-        fetcher = ImageFetcher(settings)
-        embedder = Embedder(settings, loader, cache, fetcher, metrics)
-
-        heads = ServingHeads(HeadRegistry(settings.head_registry_dir), lambda: loader.model_id, metrics,
-                             settings.head_reload_seconds)
-        predictor = Predictor(settings, loader, embedder, metrics, BackgroundJobs(client, loader, metrics), heads)
-        if client is not None:
-            metrics.watch_queues(lambda: job_counts(client))
-            metrics.watch_acceptance(lambda: acceptance_rows(client))
-        return cls(settings, metrics, loader, cache, fetcher, embedder, predictor, client)
-
-    def share_setup(self, hostname: str, token: str) -> None:
-        """Other workers and machines did not see this /setup: leave it in Redis for them."""
-        self.fetcher.remember_setup(hostname, token)
-        if self.redis is None:
-            return
-        try:
-            self.redis.hset(_SETUP_KEY, mapping={"hostname": hostname, "access_token": token})
-        except redis.RedisError as exc:
-            self.metrics.redis_errors.inc()
-            log.warning("could not share /setup through Redis: %s", exc)
-
-    def label_studio_api(self) -> LabelStudioApi:
-        """Label Studio's API with the configured credentials, else those from /setup."""
-        ls = self.fetcher.label_studio()
-        if ls is None:
-            return LabelStudioApi.from_settings(self.settings)  # raises, naming the variables to set
-        return LabelStudioApi(ls.base_url, ls.api_key)
-
-    def load_shared_setup(self) -> None:
-        """Label Studio's address and token from another worker's /setup, when none is known here."""
-        if self.redis is None or self.fetcher.has_label_studio():
-            return
-        try:
-            shared = self.redis.hgetall(_SETUP_KEY)
-        except redis.RedisError as exc:
-            self.metrics.redis_errors.inc()
-            log.warning("could not read the shared /setup from Redis: %s", exc)
-            return
-        if shared:
-            self.fetcher.remember_setup(shared[b"hostname"].decode(), shared[b"access_token"].decode())
+            services.background.warm_tasks(request.tasks, request.config)
+            status = "no draft without a project id; image embedding queued"
+    pending = {"model_version": services.predictor.model_version(project_id), "score": 0.0, "status": status}
+    return [dict(pending) for _ in request.tasks]
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None, preload: bool = True) -> Flask:
@@ -170,8 +115,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         hostname, token = body.get("hostname"), body.get("access_token")
         if isinstance(hostname, str) and isinstance(token, str):
             services.share_setup(hostname, token)
-        project = project_number(str(body["project"])) if body.get("project") is not None else None
-        return jsonify({"model_version": services.predictor.model_version(project)})
+        return jsonify({"model_version": services.predictor.model_version(project_number(body.get("project")))})
 
     @app.post("/predict")
     def predict():
@@ -180,8 +124,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         services.load_shared_setup()
         timings = Timings()
         start = time.perf_counter()
-        answer = services.predictor.predict(parsed, timings)
-        response = jsonify(answer)
+        if isinstance(parsed, BatchRequest):
+            results = batch_answer(services, parsed)
+        else:
+            results = [services.predictor.click(parsed, timings)]
+        response = jsonify({"results": results})
         timings.add("total", time.perf_counter() - start)
         response.headers["Server-Timing"] = timings.header()
         return response
@@ -201,9 +148,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         project_id = project.get("id") if isinstance(project.get("id"), int) else None
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED") and project_id is not None:
             # count it; every TRAIN_AFTER_ANNOTATIONS a training run is queued (never trained inline: 1 s timeout)
-            answer["training"] = services.predictor.background.train(project_id, "annotation", settings)
+            answer["training"] = services.background.train(project_id, "annotation")
         elif action == "START_TRAINING" and project_id is not None:
-            answer["training"] = services.predictor.background.train(project_id, "start_training", settings)
+            answer["training"] = services.background.train(project_id, "start_training")
         if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list):
             # newly imported images: embed them before an annotator opens them
             try:
@@ -211,7 +158,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             except BackendError as exc:
                 log.info("not warming new tasks: %s", exc.message)
             else:
-                answer["queued"] = services.predictor.warm_tasks([t for t in body["tasks"] if isinstance(t, dict)], config)
+                answer["queued"] = services.background.warm_tasks([t for t in body["tasks"] if isinstance(t, dict)], config)
         return jsonify(answer)
 
     @app.get("/metrics")

@@ -7,13 +7,13 @@ import re
 import sys
 import time
 
-import redis
-from rq import Worker
-from rq.job import JobStatus
 from tqdm import tqdm
 
-from backend import jobs
-from backend.model_loader import ModelLoader
+from backend.jobs import queues
+from backend.jobs.follow import follow_jobs
+from backend.jobs.training import run_training
+from backend.pipeline.model_loader import ModelLoader
+from backend.services import Services
 from backend.settings import Settings
 from model.registry import HeadError, HeadRegistry
 
@@ -44,11 +44,7 @@ def print_summary(summary: dict, out) -> None:
           f"(trained in {summary['train_seconds']:.0f} s)", file=out)
 
 
-def _train_inline(settings: Settings, project_id: int, out) -> int:
-    from backend.app import Services
-    from backend.training import run_training
-
-    services = Services.build(settings)
+def _train_inline(services, project_id: int, out) -> int:
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -64,34 +60,29 @@ def _train_inline(settings: Settings, project_id: int, out) -> int:
     return 0
 
 
-def _train_queued(connection: redis.Redis, settings: Settings, project_id: int, wait: bool, out) -> int:
-    state = jobs.enqueue_train(connection, project_id, settings.train_timeout)
-    job_id = jobs.train_job_id(project_id)
+def _train_queued(services, project_id: int, out, wait: bool) -> int:
+    connection = services.redis
+    state = queues.enqueue_train(connection, project_id, services.settings.train_timeout)
+    job_id = queues.train_job_id(project_id)
     print(f"project {project_id}: training {'queued' if state != 'waiting' else 'already queued or running'} "
-          f"(job {job_id}, queue {jobs.TRAIN_QUEUE})", file=out)
+          f"(job {job_id}, queue {queues.TRAIN_QUEUE})", file=out)
     if not wait:
         return 0
-    if Worker.count(queue=jobs.queue(connection, jobs.TRAIN_QUEUE)) == 0:
-        print(f"no worker listens on {jobs.TRAIN_QUEUE} yet: start `sam-backend worker` (or use --inline)", file=out)
-    shown = None
-    while True:
-        job = jobs.fetch_job(connection, job_id)
-        if job is None:
-            break  # done: finished jobs are deleted at once
-        status = job.get_status(refresh=False)
-        if status == JobStatus.FAILED:
-            result = job.latest_result()
-            print(f"training failed: {(result.exc_string if result else '').strip()[-2000:]}", file=out)
-            return 1
-        if jobs.abandoned(connection, job):
-            jobs.enqueue_train(connection, project_id, settings.train_timeout)
-            print("the worker running the training died; queued again", file=out)
+    shown = [None]
+
+    def show_progress(job, bar) -> None:
         progress = job.get_meta(refresh=False).get("progress")
-        if progress and progress != shown:
-            shown = progress
-            print(f"  {progress['stage']}: {progress['done']}/{progress['total']}", file=out, flush=True)
-        time.sleep(1.0)
-    summary = jobs.last_training(connection, project_id)
+        if progress and progress != shown[0]:
+            shown[0] = progress
+            bar.write(f"  {progress['stage']}: {progress['done']}/{progress['total']}")
+
+    failures = follow_jobs(connection, queues.TRAIN_QUEUE, {job_id: f"training of project {project_id}"},
+                           "training", out, on_running=show_progress)
+    for name, error in failures.items():
+        print(f"{name} failed: {error}", file=out)
+    if failures:
+        return 1
+    summary = queues.last_training(connection, project_id)
     if summary is None:
         print("training finished, but its summary is not in Redis", file=out)
         return 1
@@ -112,11 +103,12 @@ def train(settings: Settings, project_id: int, inline: bool, wait: bool, every: 
     except ValueError as exc:
         print(f"error: {exc}", file=out)
         return 2
-    connection = None if inline else redis.Redis.from_url(settings.redis_url)
+    # queued runs train on a worker: this process needs no checkpoint of its own
+    services = Services.build(settings, ModelLoader(settings, download=inline))
     while True:
         started = time.monotonic()
-        code = _train_inline(settings, project_id, out) if inline else \
-            _train_queued(connection, settings, project_id, wait or period is not None, out)
+        code = _train_inline(services, project_id, out) if inline else \
+            _train_queued(services, project_id, out, wait or period is not None)
         if period is None:
             return code
         pause = max(period - (time.monotonic() - started), 0)

@@ -15,10 +15,10 @@ from typing import Callable
 import numpy as np
 import redis
 
-from backend.corrections import acceptance_summary, draft_changes, task_objects
+from backend.labelstudio.corrections import acceptance_summary, draft_changes, task_objects
 from backend.errors import BackendError
-from backend.label_config import parse_label_config
-from backend.protocol import task_image_url
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.prompts import task_image_url
 from model.masks import logits_at_input
 from model.prompts import ModelPrompt
 from model.registry import HeadError, HeadRegistry

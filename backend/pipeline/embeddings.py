@@ -1,4 +1,5 @@
-"""EmbeddingCache: image embeddings in Redis (shared by every worker) behind a small in-process LRU.
+"""Image embeddings: the Embedder (cache hit, or download + decode + encode once) and the EmbeddingCache
+under it (Redis, shared by every worker and machine, behind a small in-process LRU).
 
 Stored as fp16, byte-shuffled (high bytes together compress far better) and zstd-compressed,
 with the sizes needed to map coordinates. Never pickled: a cache entry is data we parse.
@@ -21,6 +22,10 @@ import redis
 import zstandard
 
 from backend.metrics import Metrics
+from backend.pipeline.images import ImageFetcher, decode_image
+from backend.pipeline.model_loader import ModelLoader
+from backend.pipeline.timings import Timings
+from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +156,6 @@ class EmbeddingCache:
     def _image_key(digest: str) -> str:
         return f"{_PREFIX}:img:{digest}"
 
-    def contains(self, key: str) -> bool:
-        with self._lock:
-            if key in self._lru:
-                return True
-        return bool(self._redis("EXISTS", lambda c: c.exists(key)))
-
     def url_digest(self, url: str) -> str | None:
         """The content digest last seen for an image URL, so a warm click needs no download."""
         if not self.url_digest_ttl:
@@ -206,3 +205,83 @@ class EmbeddingCache:
             self.metrics.redis_errors.inc()
             log.warning("Redis %s failed (%s); going on without the shared cache for %.0f s", what, exc, self._retry_after)
             return None
+
+
+class Embedder:
+    """Embedding for an image URL: from the cache, or downloaded and encoded once (per process, per image)."""
+
+    def __init__(self, settings: Settings, loader: ModelLoader, cache: EmbeddingCache, fetcher: ImageFetcher, metrics: Metrics):
+        self.settings = settings
+        self.loader = loader
+        self.cache = cache
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self._locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+        self._images: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def for_url(self, url: str, timings: Timings | None = None) -> Embedding:
+        timings = timings or Timings()
+        found = self.cached(url)
+        if found is not None:
+            return found
+        start = time.perf_counter()
+        data = self.fetcher.fetch(url)
+        timings.add("fetch", time.perf_counter() - start)
+        self.metrics.image_fetch.observe(time.perf_counter() - start)
+        digest = content_digest(data)
+        self.cache.remember_url(url, digest)
+        return self.for_bytes(data, digest, timings)
+
+    def cached(self, url: str) -> Embedding | None:
+        """The embedding if this image was embedded before, without downloading anything."""
+        digest = self.cache.url_digest(url)
+        return None if digest is None else self.cache.get(self.cache.key(self.loader.model_id, digest))
+
+    def for_bytes(self, data: bytes, digest: str, timings: Timings) -> Embedding:
+        key = self.cache.key(self.loader.model_id, digest)
+        found = self.cache.get(key)
+        if found is not None:
+            return found
+        with self._lock_for(key):  # two clicks on a new image must not encode it twice
+            found = self.cache.get(key)
+            if found is not None:
+                return found
+            model = self.loader.get()
+            start = time.perf_counter()
+            image = decode_image(data, self.settings.max_image_pixels)
+            timings.add("decode_image", time.perf_counter() - start)
+            start = time.perf_counter()
+            features = model.encode(image.input_image)
+            elapsed = time.perf_counter() - start
+            timings.add("encode", elapsed)
+            self.metrics.encoder.observe(elapsed)
+            embedding = Embedding.quantized(features, image.original_size, image.input_size)
+            self.cache.put(key, embedding)
+            self.cache.put_image(digest, image.input_image)
+        with self._locks_guard:
+            self._locks.pop(key, None)
+        return embedding
+
+    def input_image(self, url: str) -> np.ndarray:
+        """The encoder-input image (RGB, long side 1024) that the refinement head looks at."""
+        digest = self.cache.url_digest(url)
+        image = None if digest is None else self._images.get(digest)
+        if image is None and digest is not None:
+            image = self.cache.get_image(digest)
+        if image is None:  # embedded before images were kept, or evicted: download it again
+            data = self.fetcher.fetch(url)
+            digest = content_digest(data)
+            self.cache.remember_url(url, digest)
+            image = decode_image(data, self.settings.max_image_pixels).input_image
+            self.cache.put_image(digest, image)
+        with self._locks_guard:
+            self._images[digest] = image
+            self._images.move_to_end(digest)
+            while len(self._images) > 4:
+                self._images.popitem(last=False)
+        return image
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[key]

@@ -21,10 +21,10 @@ import redis
 import requests
 from rq import Worker
 
-from backend import jobs
-from backend.bench import bench_checkpoint, free_port, synthetic_jpeg
-from backend.embedded_redis import EmbeddedRedis
-from backend.server import stop_process
+from backend.jobs import queues as jobs
+from backend.bench.click import bench_checkpoint, free_port, synthetic_jpeg
+from backend.web.embedded_redis import EmbeddedRedis
+from backend.web.server import stop_process
 
 _TOKEN = "benchprelabeltoken0123456789abcdef012345"
 _CONFIG = Path(__file__).resolve().parents[1] / "label_config" / "multi_object_polygon.xml"
@@ -113,14 +113,14 @@ def run_prelabel_bench(args) -> dict:
         env = dict(os.environ, SAM_CHECKPOINT=checkpoint, REDIS_URL=redis_server.url, LABEL_STUDIO_URL=ls_url,
                    LABEL_STUDIO_API_KEY=_TOKEN, MODEL_DIR=str(work / "models"), DEVICE=args.device,
                    LOG_LEVEL="WARNING", PRELABEL_POINTS_PER_SIDE=str(args.points_per_side))
-        from backend.model_loader import ModelLoader
+        from backend.pipeline.model_loader import ModelLoader
         from backend.settings import Settings
 
         model_version = ModelLoader(Settings.from_env(env)).model_version
         rounds = []
         for count in [int(w) for w in args.workers.split(",")]:
             _reset(connection, ls_url, task_ids)
-            workers = [subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--queues", jobs.PRELABEL_QUEUE],
+            workers = [subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "worker", "--queues", jobs.PRELABEL_QUEUE],
                                         env=env, start_new_session=True) for _ in range(count)]
             try:
                 while Worker.count(queue=jobs.queue(connection, jobs.PRELABEL_QUEUE)) < count:

@@ -8,8 +8,8 @@ import dataclasses
 import cv2
 import numpy as np
 
-from backend.label_config import ProjectConfig
-from backend.rle import rle_to_mask
+from backend.labelstudio.label_config import ProjectConfig
+from backend.labelstudio.rle import rle_to_mask
 from model.interactive import iou
 from model.prompts import preprocess_shape
 from model.sam import IMAGE_SIZE

@@ -1,8 +1,6 @@
-"""RQ jobs and queues. Jobs carry only JSON (never pickles) and assume nothing about the machine
-that enqueued them: any worker on any machine sharing the Redis can run them.
-
-Workers are `SimpleWorker`s: the job runs in the worker process, which loads SAM once and never
-forks after that (forking after CUDA initialisation breaks CUDA).
+"""RQ queues: names, job ids, de-duplicated enqueueing, liveness, counts, and BackgroundJobs (what web
+workers queue). Jobs carry only JSON (never pickles) and assume nothing about the machine that
+enqueued them: any worker on any machine sharing the Redis can run them (bodies: backend.jobs.tasks).
 
 One job per image (warm) or per task and model version (prelabel), by job id: a second request
 while one is queued or running adds nothing. A running job refreshes a heartbeat key; a job whose
@@ -21,12 +19,15 @@ import time
 from datetime import datetime, timezone
 
 import redis
-from rq import Queue, SimpleWorker, get_current_job
+from rq import Queue, get_current_job
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from backend.images import display_url
+from backend.errors import BackendError
+from backend.labelstudio.label_config import ProjectConfig
+from backend.labelstudio.prompts import task_image_url
+from backend.pipeline.images import display_url
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ def warm_job_id(model_id: str, url: str) -> str:
     return f"warm-{model_id}-{hashlib.sha256(url.encode()).hexdigest()[:32]}"
 
 
-def prelabel_job_id(model_version: str, task_id: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", model_version)  # RQ job ids allow only these
+def prelabel_job_id(model_id: str, task_id: int) -> str:
+    """Per SAM checkpoint and task, not per head: the job decides the version its draft carries, so a
+    head promotion re-queues nothing that is queued already."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", model_id)  # RQ job ids allow only these
     return f"prelabel-{safe}-{task_id}"
 
 
@@ -117,17 +120,17 @@ def enqueue_unique(connection: redis.Redis, queue_name: str, func: str, args: tu
 def enqueue_warm(connection: redis.Redis, model_id: str, urls: list[str]) -> int:
     """Queue an embedding job per image URL. Returns how many were queued now."""
     states = [
-        enqueue_unique(connection, WARM_QUEUE, "backend.jobs.warm_image", (url,), warm_job_id(model_id, url),
+        enqueue_unique(connection, WARM_QUEUE, "backend.jobs.tasks.warm_image", (url,), warm_job_id(model_id, url),
                        f"embed {display_url(url)}")
         for url in dict.fromkeys(urls)
     ]
     return sum(state != "waiting" for state in states)
 
 
-def enqueue_prelabel(connection: redis.Redis, model_version: str, project_id: int, task_ids: list[int]) -> int:
+def enqueue_prelabel(connection: redis.Redis, model_id: str, project_id: int, task_ids: list[int]) -> int:
     states = [
-        enqueue_unique(connection, PRELABEL_QUEUE, "backend.jobs.prelabel_task", (project_id, task_id),
-                       prelabel_job_id(model_version, task_id), f"pre-label task {task_id} of project {project_id}")
+        enqueue_unique(connection, PRELABEL_QUEUE, "backend.jobs.tasks.prelabel_task", (project_id, task_id),
+                       prelabel_job_id(model_id, task_id), f"pre-label task {task_id} of project {project_id}")
         for task_id in dict.fromkeys(task_ids)
     ]
     return sum(state != "waiting" for state in states)
@@ -135,7 +138,7 @@ def enqueue_prelabel(connection: redis.Redis, model_version: str, project_id: in
 
 def enqueue_train(connection: redis.Redis, project_id: int, timeout: int) -> str:
     """One training job per project at a time: requests while one is queued or running add nothing."""
-    return enqueue_unique(connection, TRAIN_QUEUE, "backend.jobs.train_project", (project_id,),
+    return enqueue_unique(connection, TRAIN_QUEUE, "backend.jobs.tasks.train_project", (project_id,),
                           train_job_id(project_id), f"train the refinement head of project {project_id}", timeout)
 
 
@@ -166,29 +169,30 @@ class BackgroundJobs:
     """What a web worker queues for the RQ workers. Without Redis, or when Redis fails, it says
     so in the log and queues nothing: a click never fails because background work could not start."""
 
-    def __init__(self, connection: redis.Redis | None, loader, metrics):
+    def __init__(self, connection: redis.Redis | None, loader, settings: Settings, metrics):
         self.connection = connection
         self.loader = loader
+        self.settings = settings
         self.metrics = metrics
 
     def warm(self, urls: list[str]) -> int:
         return self._queue("warm", f"{len(urls)} embeddings", enqueue_warm, self.loader.model_id, urls)
 
-    def prelabel(self, project_id: int, task_ids: list[int], model_version: str) -> int:
+    def prelabel(self, project_id: int, task_ids: list[int]) -> int:
         return self._queue("prelabel", f"{len(task_ids)} pre-label jobs", enqueue_prelabel,
-                           model_version, project_id, task_ids)
+                           self.loader.model_id, project_id, task_ids)
 
-    def train(self, project_id: int, trigger: str, settings: Settings) -> str | None:
+    def train(self, project_id: int, trigger: str) -> str | None:
         """Queue a training run now (START_TRAINING), or count an annotation towards the next one."""
         if self.connection is None:
             log.info("not training project %s: training runs on workers and needs REDIS_URL", project_id)
             return None
         try:
             if trigger == "annotation":
-                state = note_annotation(self.connection, project_id, settings.train_after_annotations,
-                                        settings.train_timeout)
+                state = note_annotation(self.connection, project_id, self.settings.train_after_annotations,
+                                        self.settings.train_timeout)
             else:
-                state = enqueue_train(self.connection, project_id, settings.train_timeout)
+                state = enqueue_train(self.connection, project_id, self.settings.train_timeout)
         except redis.RedisError as exc:
             self.metrics.redis_errors.inc()
             log.warning("could not queue training for project %s: %s", project_id, exc)
@@ -196,6 +200,16 @@ class BackgroundJobs:
         if state in ("queued", "requeued"):
             self.metrics.train_jobs.labels(trigger).inc()
         return state
+
+    def warm_tasks(self, tasks: list[dict], config: ProjectConfig) -> int:
+        """Queue the embedding of these tasks' images (new imports, batches without a project id)."""
+        urls = []
+        for task in tasks:
+            try:
+                urls.append(task_image_url(task, config))
+            except BackendError as exc:
+                log.warning("not warming task %s: %s", task.get("id"), exc.message)
+        return self.warm(urls)
 
     def prefetch(self, project_id: int, task_id: int, count: int) -> int:
         return self._queue("warm", f"prefetch after task {task_id}", enqueue_prefetch,
@@ -217,7 +231,7 @@ class BackgroundJobs:
 
 
 def enqueue_prefetch(connection: redis.Redis, model_id: str, project_id: int, task_id: int, count: int) -> int:
-    state = enqueue_unique(connection, WARM_QUEUE, "backend.jobs.warm_next_tasks", (project_id, task_id, count),
+    state = enqueue_unique(connection, WARM_QUEUE, "backend.jobs.tasks.warm_next_tasks", (project_id, task_id, count),
                            f"next-{model_id}-{project_id}-{task_id}", f"embed the {count} tasks after task {task_id}")
     return int(state != "waiting")
 
@@ -248,28 +262,12 @@ def heartbeat(connection: redis.Redis | None):
         connection.delete(key)
 
 
-# ---------------------------------------------------------------- worker side
-
-_context = None
-_context_lock = threading.Lock()
-
-
-def configure(settings: Settings) -> None:
-    """Build this worker's services (model loader, cache, image fetcher) from settings; once per process."""
-    global _context
-    from backend.app import Services
-
-    with _context_lock:
-        _context = Services.build(settings)
+def new_annotations_reset(connection: redis.Redis, project_id: int) -> None:
+    """A training run starts: it covers every annotation so far."""
+    connection.set(_new_annotations_key(project_id), 0)
 
 
-def _services():
-    if _context is None:
-        configure(Settings.from_env())
-    return _context
-
-
-def _count_done(connection: redis.Redis | None, queue_name: str) -> None:
+def count_done(connection: redis.Redis | None, queue_name: str) -> None:
     """Finished jobs are deleted at once (result_ttl=0): keep a count for /metrics and progress."""
     if connection is not None:
         connection.incr(f"sam-backend:done:{queue_name}")
@@ -279,89 +277,7 @@ def done_count(connection: redis.Redis, queue_name: str) -> int:
     return int(connection.get(f"sam-backend:done:{queue_name}") or 0)
 
 
-def warm_image(url: str) -> dict:
-    services = _services()
-    with heartbeat(services.redis):
-        services.load_shared_setup()
-        embedding = services.embedder.for_url(url)
-    _count_done(services.redis, WARM_QUEUE)
-    height, width = embedding.original_size
-    return {"width": width, "height": height}
-
-
-def warm_next_tasks(project_id: int, task_id: int, count: int) -> dict:
-    """An annotator opened `task_id`: queue the embedding of the tasks they will open next."""
-    from backend.label_config import parse_label_config
-    from backend.protocol import task_image_url
-
-    services = _services()
-    with heartbeat(services.redis):
-        services.load_shared_setup()
-        api = services.label_studio_api()
-        config = parse_label_config(api.label_config(project_id))
-        urls = [task_image_url(task, config) for task in api.next_tasks(project_id, task_id, count)]
-        queued = enqueue_warm(services.redis, services.loader.model_id, urls)
-    _count_done(services.redis, WARM_QUEUE)
-    return {"next": len(urls), "queued": queued}
-
-
-def prelabel_task(project_id: int, task_id: int) -> dict:
-    """Post a draft prediction for one task, unless it already has one of this model version."""
-    from backend.label_config import parse_label_config
-    from backend.predict import Timings
-    from backend.protocol import task_image_url
-
-    services = _services()
-    with heartbeat(services.redis):
-        services.load_shared_setup()
-        api = services.label_studio_api()
-        version = services.predictor.model_version(project_id)
-        task = api.task(task_id)
-        if any(p.get("model_version") == version for p in task["predictions"]):
-            _count_done(services.redis, PRELABEL_QUEUE)
-            return {"task": task_id, "skipped": "already has a draft of this model version"}
-        config = parse_label_config(api.label_config(project_id))
-        timings = Timings()
-        embedding = services.embedder.for_url(task_image_url(task, config), timings)
-        draft = services.predictor.draft(task, embedding, config, timings, project_id)
-        prediction = api.create_prediction(task_id, draft["result"], draft["score"], version)
-    _count_done(services.redis, PRELABEL_QUEUE)
-    _record_timings(services.redis, PRELABEL_QUEUE, timings.stages)
-    return {"task": task_id, "prediction": prediction, "regions": len(draft["result"])}
-
-
-def train_project(project_id: int) -> dict:
-    """Train, evaluate and gate a new refinement head for the project (see backend.training)."""
-    from backend.training import run_training
-
-    services = _services()
-    job = get_current_job()
-    last = [0.0]
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if job is None or (time.monotonic() - last[0] < 1.0 and done != total):
-            return
-        last[0] = time.monotonic()
-        job.meta["progress"] = {"stage": stage, "done": done, "total": total}
-        job.save_meta()
-
-    with heartbeat(services.redis):
-        if services.redis is not None:
-            services.redis.set(_new_annotations_key(project_id), 0)  # this run covers every annotation so far
-        services.load_shared_setup()
-        summary = run_training(services, project_id, progress)
-    _count_done(services.redis, TRAIN_QUEUE)
-    if services.redis is not None:
-        services.redis.set(f"sam-backend:train:last:{project_id}", json.dumps(summary), ex=30 * 24 * 3600)
-    return summary
-
-
-def last_training(connection: redis.Redis, project_id: int) -> dict | None:
-    raw = connection.get(f"sam-backend:train:last:{project_id}")
-    return None if raw is None else json.loads(raw)
-
-
-def _record_timings(connection: redis.Redis | None, queue_name: str, stages: dict[str, float]) -> None:
+def record_timings(connection: redis.Redis | None, queue_name: str, stages: dict[str, float]) -> None:
     """The last 1000 jobs' stage seconds (encode, everything, ...), for `bench prelabel` and capacity planning."""
     if connection is None:
         return
@@ -374,13 +290,11 @@ def recent_timings(connection: redis.Redis, queue_name: str) -> list[dict[str, f
     return [json.loads(item) for item in connection.lrange(f"sam-backend:timings:{queue_name}", 0, -1)]
 
 
-def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> bool:
-    configure(settings)
-    _context.loader.get()  # load SAM before taking the first job
-    connection = _context.redis
-    if connection is None:
-        raise SystemExit("sam-backend worker needs REDIS_URL: the queues live in Redis")
-    worker = SimpleWorker([queue(connection, name) for name in queues], connection=connection,
-                          serializer=JSONSerializer)
-    log.info("worker %s listening on %s", worker.name, ", ".join(queues))
-    return worker.work(burst=burst, logging_level=settings.log_level)
+def record_training(connection: redis.Redis | None, project_id: int, summary: dict) -> None:
+    if connection is not None:
+        connection.set(f"sam-backend:train:last:{project_id}", json.dumps(summary), ex=30 * 24 * 3600)
+
+
+def last_training(connection: redis.Redis, project_id: int) -> dict | None:
+    raw = connection.get(f"sam-backend:train:last:{project_id}")
+    return None if raw is None else json.loads(raw)

@@ -24,10 +24,10 @@ import redis
 import requests
 from PIL import Image
 
-from backend.embedded_redis import EmbeddedRedis
-from backend.label_config import OutputTag
-from backend.results import brush_region, polygon_regions
-from backend.server import stop_process
+from backend.web.embedded_redis import EmbeddedRedis
+from backend.labelstudio.label_config import OutputTag
+from backend.labelstudio.results import brush_region, polygon_regions
+from backend.web.server import stop_process
 
 SIZES = {"1MP": (1280, 800), "20MP": (5472, 3648)}
 _TOKEN = "benchtoken0123456789abcdef0123456789abcd"
@@ -160,7 +160,7 @@ def run_click_bench(args) -> dict:
         env = dict(os.environ, SAM_CHECKPOINT=checkpoint, REDIS_URL=redis_server.url, LABEL_STUDIO_URL=image_base,
                    LABEL_STUDIO_API_KEY=_TOKEN, MODEL_DIR=str(work / "models"), WORKERS="1",
                    THREADS=str(args.threads), LOG_LEVEL="WARNING", DEVICE=args.device, WARM_WORKERS="0")
-        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, start_new_session=True)
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"

@@ -6,8 +6,8 @@ import uuid
 
 import numpy as np
 
-from backend.label_config import OutputTag
-from backend.rle import mask_to_rle
+from backend.labelstudio.label_config import OutputTag
+from backend.labelstudio.rle import mask_to_rle
 from model import masks
 
 

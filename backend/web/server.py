@@ -14,7 +14,7 @@ import sys
 
 from gunicorn.app.base import BaseApplication
 
-from backend.embedded_redis import EmbeddedRedis
+from backend.web.embedded_redis import EmbeddedRedis
 from backend.settings import Settings
 from model.checkpoints import CheckpointError, resolve_checkpoint
 
@@ -32,7 +32,7 @@ class GunicornApp(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
-        from backend.wsgi import app
+        from backend.web.wsgi import app
 
         return app
 
@@ -72,7 +72,7 @@ def serve(settings: Settings) -> int:
         os.environ["REDIS_URL"] = embedded.url
     # encoders run in RQ workers, not in the processes answering clicks
     workers = [
-        subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=os.environ.copy())
+        subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "worker"], env=os.environ.copy())
         for _ in range(settings.warm_workers)
     ]
     try:

@@ -18,7 +18,7 @@ def _settings() -> Settings:
 
 
 def cmd_serve(args) -> int:
-    from backend.server import serve
+    from backend.web.server import serve
 
     settings = _settings()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers),
@@ -41,28 +41,28 @@ def cmd_download(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from backend.jobs import run_worker
+    from backend.jobs.worker import run_worker
+    from backend.services import Services
 
     settings = _settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(settings, args.queues.split(","), burst=args.burst)
-    return 0
+    return run_worker(Services.build(settings), args.queues.split(","), burst=args.burst)
 
 
 def cmd_warm(args) -> int:
-    from backend.project_jobs import warm_project
+    from backend.commands.project_jobs import warm_project
 
     return warm_project(_settings(), args.project, wait=args.wait)
 
 
 def cmd_prelabel(args) -> int:
-    from backend.project_jobs import prelabel_project
+    from backend.commands.project_jobs import prelabel_project
 
     return prelabel_project(_settings(), args.project, wait=args.wait)
 
 
 def cmd_train(args) -> int:
-    from backend.train_commands import train
+    from backend.commands.train import train
 
     settings = _settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -70,20 +70,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_heads(args) -> int:
-    from backend.train_commands import heads
+    from backend.commands.train import heads
 
     return heads(_settings(), args.project, args.rollback, args.off)
 
 
 def cmd_export(args) -> int:
-    from backend.export_coco import export_project
+    from backend.commands.export_coco import export_project
 
     out = args.out or f"project-{args.project}-coco.json"
     return export_project(_settings(), args.project, args.source, args.model_version, out)
 
 
 def cmd_connect(args) -> int:
-    from backend.connect import connect
+    from backend.commands.connect import connect
 
     settings = _settings()
     url = args.url or f"http://127.0.0.1:{settings.port}"
@@ -91,7 +91,7 @@ def cmd_connect(args) -> int:
 
 
 def cmd_bench_click(args) -> int:
-    from backend.bench import print_click_table, run_click_bench
+    from backend.bench.click import print_click_table, run_click_bench
 
     figures = run_click_bench(args)
     print_click_table(figures)
@@ -100,7 +100,7 @@ def cmd_bench_click(args) -> int:
 
 
 def cmd_bench_learn(args) -> int:
-    from backend.bench_learn import print_learn_table, run_learn_bench
+    from backend.bench.learn import print_learn_table, run_learn_bench
 
     figures = run_learn_bench(args)
     print_learn_table(figures)
@@ -109,7 +109,7 @@ def cmd_bench_learn(args) -> int:
 
 
 def cmd_bench_prelabel(args) -> int:
-    from backend.bench_prelabel import print_prelabel_table, run_prelabel_bench
+    from backend.bench.prelabel import print_prelabel_table, run_prelabel_bench
 
     figures = run_prelabel_bench(args)
     print_prelabel_table(figures)
@@ -216,8 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backend.errors import BackendError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BackendError as exc:  # the one place a command's typed error becomes a message and exit code
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,60 +1,22 @@
-"""Parse Label Studio request bodies into typed objects; every malformed field is an InvalidRequest."""
+"""Label Studio's task data and regions as SAM prompts: the image URL of a task, the smart regions
+of a click combined into one prompt, the boxes a task already carries. Malformed regions are InvalidRequest."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 from backend.errors import InvalidRequest, UnsupportedInput
-from backend.label_config import PROMPT_TAGS, ProjectConfig
+from backend.labelstudio.label_config import PROMPT_TAGS, ProjectConfig
 from model.prompts import Prompt
 
 _EPS = 1e-6  # Label Studio rounds percentages; allow a hair past the border
 
 
 @dataclasses.dataclass(frozen=True)
-class PredictRequest:
-    tasks: list[dict]
-    label_config: str
-    project: str | None
-    context: list[dict] | None  # the smart regions, None for batch predictions
-
-
-@dataclasses.dataclass(frozen=True)
 class ClickPrompt:
     prompt: Prompt
     label: str | None
-
-
-def parse_predict(body: Any) -> PredictRequest:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    tasks = body.get("tasks")
-    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-        raise InvalidRequest("'tasks' must be a list of task objects")
-    config = body.get("label_config")
-    if not isinstance(config, str):
-        raise InvalidRequest("'label_config' must be the project's label config (a string)")
-    params = body.get("params") or {}
-    if not isinstance(params, dict):
-        raise InvalidRequest("'params' must be an object")
-    context = params.get("context")
-    regions = None
-    if context:
-        if not isinstance(context, dict) or not isinstance(context.get("result"), list):
-            raise InvalidRequest("'params.context' must be an object with a 'result' list")
-        regions = context["result"]
-        if len(tasks) != 1:
-            raise InvalidRequest(f"an interactive request carries exactly one task, got {len(tasks)}")
-    project = body.get("project")
-    return PredictRequest(tasks, config, str(project) if project is not None else None, regions)
-
-
-def project_number(project: str | None) -> int | None:
-    """Label Studio sends the project as "<id>.<created timestamp>"."""
-    head = (project or "").split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 def task_image_url(task: dict, config: ProjectConfig) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from backend.errors import BackendError
-from backend.label_config import ProjectConfig, parse_label_config
-from backend.ls_client import LabelStudioApi
-from backend.rle import rle_to_mask
+from backend.labelstudio.label_config import ProjectConfig, parse_label_config
+from backend.labelstudio.client import LabelStudioApi
+from backend.labelstudio.rle import rle_to_mask
 from model import masks
 
 SOURCES = ("predictions", "annotations")

@@ -13,9 +13,9 @@ import tempfile
 
 import torch
 
-from backend.corrections import task_objects
-from backend.label_config import parse_label_config
-from backend.rle import mask_to_rle
+from backend.labelstudio.corrections import task_objects
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.rle import mask_to_rle
 from model.registry import HeadRegistry
 from model.synthetic_domain import ShadowBleedBase, make_scene
 from model.train import Correction, Segmenter, TrainConfig, evaluate, train_and_gate
