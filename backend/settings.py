@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+from model.checkpoints import OFFICIAL
+
+MODEL_TYPES = tuple(OFFICIAL)  # one list: the model types with an official checkpoint
 OUTPUT_TYPES = ("both", "brush", "polygon")
 
 # every environment variable the backend reads; README.md documents each (a test checks both)

@@ -6,12 +6,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import requests
 from tqdm import tqdm
+
+from model.files import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def checkpoint_digest(path: Path, memo_dir: Path) -> str:
     memo[memo_key] = digest
     try:
         memo_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(memo_file, json.dumps(memo, indent=1).encode())
+        write_atomic(memo_file, json.dumps(memo, indent=1).encode())
     except OSError as exc:
         log.warning("could not memoise checkpoint digest in %s: %s", memo_file, exc)
     return digest
@@ -106,32 +106,20 @@ def download_official(official: OfficialCheckpoint, path: Path, timeout: float =
     )
     log.info("downloading %s to %s", official.url, path)
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".download-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with requests.get(official.url, stream=True, timeout=timeout) as response:
-                    response.raise_for_status()
-                    total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=official.filename) as bar:
-                        for chunk in response.iter_content(chunk_size=1 << 20):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            bar.update(len(chunk))
-            except requests.RequestException as exc:
-                raise CheckpointError(f"could not download the SAM checkpoint ({exc}). {hint}") from exc
+    with atomic_path(path, suffix=".pth") as tmp, open(tmp, "wb") as out:
+        try:
+            with requests.get(official.url, stream=True, timeout=timeout) as response:
+                response.raise_for_status()
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=official.filename) as bar:
+                    for chunk in response.iter_content(chunk_size=1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        except requests.RequestException as exc:
+            raise CheckpointError(f"could not download the SAM checkpoint ({exc}). {hint}") from exc
+        out.flush()
         if digest.hexdigest() != official.sha256:
             raise CheckpointError(
                 f"downloaded {official.filename} has sha256 {digest.hexdigest()}, expected {official.sha256}. {hint}"
             )
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp_name, path)

@@ -50,11 +50,3 @@ def polygons(mask: np.ndarray, tolerance: float, min_area: float) -> list[np.nda
             continue
         out.append(contour[:, 0, :].astype(np.float64))
     return out
-
-
-def rasterize(polygon_list: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of `polygons`, for tests and quality checks."""
-    canvas = np.zeros(shape, dtype=np.uint8)
-    pts = [np.round(p).astype(np.int32).reshape(-1, 1, 2) for p in polygon_list]
-    cv2.fillPoly(canvas, pts, 1)
-    return canvas.astype(bool)

@@ -7,13 +7,13 @@ Exported once per checkpoint into MODEL_DIR/onnx (about 1 s) and reused by every
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from model.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +55,18 @@ def export(sam: torch.nn.Module, path: Path) -> None:
     emb = torch.zeros(1, 256, 64, 64)
     coords = torch.tensor([[[100.0, 100.0], [0.0, 0.0]]])
     labels = torch.tensor([[1.0, -1.0]])
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".export-", suffix=".onnx")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about SAM's python-side constants
-            torch.onnx.export(
-                _wrapper(sam.cpu()),
-                (emb, coords, labels),
-                tmp_name,
-                input_names=["image_embeddings", "point_coords", "point_labels"],
-                output_names=["masks", "scores"],
-                dynamic_axes={"point_coords": {1: "points"}, "point_labels": {1: "points"}},
-                opset_version=17,
-                dynamo=False,
-            )
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_path(path, suffix=".onnx") as tmp_name, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about SAM's python-side constants
+        torch.onnx.export(
+            _wrapper(sam.cpu()),
+            (emb, coords, labels),
+            str(tmp_name),
+            input_names=["image_embeddings", "point_coords", "point_labels"],
+            output_names=["masks", "scores"],
+            dynamic_axes={"point_coords": {1: "points"}, "point_labels": {1: "points"}},
+            opset_version=17,
+            dynamo=False,
+        )
 
 
 class OnnxDecoder:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from model.files import write_atomic
 from model.refine import HeadConfig, RefineHead
 
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -42,19 +43,6 @@ class HeadVersion:
     @property
     def promoted(self) -> bool:
         return self.meta.get("status") == "promoted"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class HeadRegistry:
@@ -116,7 +104,7 @@ class HeadRegistry:
         directory = self.project_dir(project)
         directory.mkdir(parents=True, exist_ok=True)
         previous = self.current(project)
-        _write_atomic(directory / "current", (version or "").encode())
+        write_atomic(directory / "current", (version or "").encode())
         with open(directory / "history.jsonl", "a") as f:
             f.write(json.dumps({"at": time.time(), "from": previous, "to": version, "why": why}) + "\n")
 

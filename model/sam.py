@@ -122,10 +122,16 @@ class SamModel:
         model = cls(sam, arch, checkpoint_digest, select_device(device))
         if onnx_dir is not None and model.device.type == "cpu" and onnx_decoder.available():
             onnx_path = onnx_dir / f"decoder-{model.model_id}.onnx"
-            if not onnx_path.is_file():
-                log.info("exporting the mask decoder to %s", onnx_path)
-                onnx_decoder.export(model.sam, onnx_path)
-            model.onnx = onnx_decoder.OnnxDecoder(onnx_path, threads)
+            try:
+                if not onnx_path.is_file():
+                    log.info("exporting the mask decoder to %s", onnx_path)
+                    onnx_decoder.export(model.sam, onnx_path)
+                model.onnx = onnx_decoder.OnnxDecoder(onnx_path, threads)
+            except Exception as exc:  # exporter and runtime raise many types (TypeError on an older torch)
+                # the ONNX decoder is a speed-up only: the same decoder runs in torch
+                log.warning("the mask decoder cannot run in ONNX Runtime (%s: %s); decoding in torch",
+                            exc.__class__.__name__, exc)
+                model.onnx = None
         return model
 
     @property

@@ -256,7 +256,9 @@ def test_missing_checkpoint_reports_where_to_put_it(settings, make_client, tmp_p
 
 def test_setup_token_is_the_fallback_for_images(settings, make_client, served):
     c, _ = make_client(settings.replace(label_studio_url=None, label_studio_api_key=None))
-    assert c.post("/predict", json=keypoint_body()).status_code == 400  # relative URL, no Label Studio known
+    refused = c.post("/predict", json=keypoint_body())  # relative URL, no Label Studio known
+    # the server lacks a setting; the caller did nothing wrong: 503 naming it, not 400 "malformed"
+    assert refused.status_code == 503 and "LABEL_STUDIO_URL" in refused.json["error"]
     setup = protocol_body("setup.json")
     setup.update(hostname=served.url, access_token=TOKEN)
     assert c.post("/setup", json=setup).status_code == 200
@@ -368,7 +370,9 @@ def test_draft_without_boxes_segments_everything_above_the_minimum_area(settings
     embedding = services.embedder.for_url(task["data"]["image"])
     found = automatic.segment_everything(services.loader.get(), embedding.features, embedding.input_size, lenient)
     assert found and all(0 < f.area_fraction <= 1 for f in found)
-    draft = services.predictor.draft(task, embedding, config, Timings())
+    draft = services.predictor.draft(task, embedding, config, Timings(), automatic=lenient)
+    brushes = [r for r in draft["result"] if r["type"] == "brushlabels"]
+    assert len(brushes) == len(found)  # one brush region per object found
     assert all(r["value"].get("brushlabels", r["value"].get("polygonlabels")) == ["Object"] for r in draft["result"])
     validate(body, draft)
     # an object larger than the whole image cannot exist: a 100 % minimum area leaves nothing
@@ -404,3 +408,26 @@ def test_opening_a_task_also_queues_the_next_ones(client, served, settings):
     many = copy.deepcopy(protocol_body("predict_batch.json"))  # "Retrieve predictions" on 3 tasks: no prefetch
     assert c.post("/predict", json=many).status_code == 200
     assert len(jobs.queue(store, jobs.WARM_QUEUE).jobs) == 1
+
+
+def test_a_model_that_cannot_be_built_answers_503_naming_the_cause(settings, make_client, served, monkeypatch):
+    # a fake for a fault we cannot cause here (CUDA or memory failing while SAM is built)
+    from model.sam import SamModel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(SamModel, "load", broken)
+    c, _ = make_client(settings)
+    for _ in range(2):  # reported the same way every time, without building again
+        response = c.post("/predict", json=protocol_body("predict_interactive_keypointlabels.json"))
+        assert response.status_code == 503
+        assert "could not be built" in response.json["error"] and "out of memory" in response.json["error"]
+
+
+def test_batch_answer_says_no_draft_when_prelabel_on_predict_is_off(settings, make_client, served):
+    c, _ = make_client(settings.replace(prelabel_on_predict=False))
+    response = c.post("/predict", json=protocol_body("predict_batch.json"))
+    assert response.status_code == 200
+    assert {r["status"] for r in response.json["results"]} == {"no draft: PRELABEL_ON_PREDICT is off"}
+    assert jobs.queue(redis.Redis.from_url(settings.redis_url), jobs.PRELABEL_QUEUE).count == 0

@@ -117,3 +117,52 @@ def test_metrics_show_job_counts_per_queue(settings, make_client, image_server):
     assert gauge("sam-warm", "queued") == 0
     assert gauge("sam-warm", "done") == 1 and gauge("sam-warm", "failed") == 1
     assert gauge("sam-prelabel", "queued") == 0
+
+
+def test_worker_keeps_the_services_short_redis_timeout(settings):
+    # RQ raises its connection's socket timeout to ~7 min; on the services' client that made every
+    # cache call and heartbeat of a worker hang that long on a dead Redis
+    from backend.jobs.worker import build_worker
+    from backend.services import Services
+
+    services = Services.build(settings)
+    worker = build_worker(services, [jobs.WARM_QUEUE])
+    assert services.redis.connection_pool.connection_kwargs["socket_timeout"] == 2.0
+    assert worker.connection.connection_pool.connection_kwargs["socket_timeout"] > 60
+
+
+def test_worker_exit_code_is_non_zero_when_rq_quits_on_an_error(settings, monkeypatch):
+    # a fake for a fault we cannot cause on cue: Redis refusing a command inside RQ's loop (RQ logs
+    # it and returns as if done, and `sam-backend worker` used to exit 0 so nothing restarted it)
+    import redis as redis_module
+    from rq.queue import Queue
+
+    def refused(*args, **kwargs):
+        raise redis_module.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0  # empty queues, burst: a clean stop
+    monkeypatch.setattr(Queue, "dequeue_any", classmethod(lambda cls, *a, **k: refused()))
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 1
+
+
+def test_segment_everything_drafts_carry_plain_sams_version_and_job_ids_ignore_heads(settings, image_server):
+    # a head refines box prompts only: stamping everything-drafts with it made every promotion
+    # re-draft identical tasks
+    from backend.labelstudio.label_config import parse_label_config
+    from backend.services import Services
+    from tests.conftest import protocol_body
+
+    services = Services.build(settings)
+    body = protocol_body("predict_batch.json")
+    config = parse_label_config(body["label_config"])
+    plain, boxed = {"id": 1, "data": {}}, {"id": 2, "data": {}, "predictions": [{"result": [{
+        "type": "rectanglelabels", "from_name": "rect", "to_name": "image", "original_width": 80,
+        "original_height": 60, "value": {"x": 10, "y": 10, "width": 50, "height": 50, "rectanglelabels": ["Object"]}}]}]}
+
+    class Head:  # what the registry serves: only its version suffix matters to the version
+        model_version_suffix = "+head-p5-v0001"
+
+    services.heads.for_project = lambda project: Head() if project == 5 else None
+    assert services.predictor.draft_version(plain, config, 5) == services.loader.model_version
+    assert services.predictor.draft_version(boxed, config, 5) == services.loader.model_version + "+head-p5-v0001"
+    assert jobs.prelabel_job_id(services.loader.model_id, 7) == f"prelabel-{services.loader.model_id}-7"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend.labelstudio.rle import encode_values, mask_to_rle, rle_to_mask
+from backend.labelstudio.rle import _encode_runs, _runs, mask_to_rle, rle_to_mask
 
 CHUNK = 1 << 16  # the SDK splits runs longer than 2**16 values
 
@@ -118,7 +118,14 @@ def test_header_holds_value_count_and_format():
     assert bits == "00111" + "0010" + "0011" + "0111" + "1111"
 
 
-# ---------------------------------------------------------------- encode_values vs encode_rle
+# ---------------------------------------------------------------- the run encoder vs encode_rle
+
+
+def encode_values(values: np.ndarray) -> list[int]:
+    """mask_to_rle's run encoder on any byte values (masks only ever give it 0 and 255)."""
+    values = np.asarray(values, dtype=np.uint8).ravel()
+    lengths, vals = _runs(values)
+    return _encode_runs(len(values), lengths, vals)
 
 
 def array_from_runs(lengths: list[int], rng: np.random.Generator) -> np.ndarray:

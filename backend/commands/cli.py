@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from backend.settings import Settings, SettingsError
+from backend.settings import MODEL_TYPES, Settings, SettingsError
 
 
 def _settings() -> Settings:
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     download = sub.add_parser("download", help="download the official SAM checkpoint into MODEL_DIR/checkpoints")
-    download.add_argument("--model-type", choices=("vit_b", "vit_l", "vit_h"))
+    download.add_argument("--model-type", choices=MODEL_TYPES)
     download.set_defaults(func=cmd_download)
 
     worker = sub.add_parser("worker", help="run an RQ worker for background embedding, pre-labelling and training (needs REDIS_URL)")
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     click = bench_sub.add_parser("click", help="cold and warm click latency through the real HTTP stack")
     click.add_argument("--random-weights", action="store_true",
                        help="use a randomly initialised SAM of the real architecture (timing only: masks are noise)")
-    click.add_argument("--model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
+    click.add_argument("--model-type", default="vit_b", choices=MODEL_TYPES)
     click.add_argument("--sizes", default="1MP,20MP", help="comma list of 1MP, 20MP")
     click.add_argument("--outputs", default="brush,polygon")
     click.add_argument("--cold", type=int, default=3, help="cold clicks per size (each encodes a new image)")
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = bench_sub.add_parser("prelabel", help="images/minute of pre-labelling with 1 and 2 workers (real Label Studio)")
     pre.add_argument("--random-weights", action="store_true",
                      help="use a randomly initialised SAM of the real architecture (timing only)")
-    pre.add_argument("--model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
+    pre.add_argument("--model-type", default="vit_b", choices=MODEL_TYPES)
     pre.add_argument("--images", type=int, default=6)
     pre.add_argument("--width", type=int, default=1280)
     pre.add_argument("--height", type=int, default=800)

@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import threading
-import time
 from datetime import datetime, timezone
 
 import redis

@@ -72,13 +72,6 @@ def _encode_runs(count: int, lengths: np.ndarray, vals: np.ndarray) -> list[int]
     return _pack(codes, widths)
 
 
-def encode_values(values: np.ndarray) -> list[int]:
-    """RLE of a flat uint8 array, identical to the SDK's encode_rle(values)."""
-    values = np.asarray(values, dtype=np.uint8).ravel()
-    lengths, vals = _runs(values)
-    return _encode_runs(len(values), lengths, vals)
-
-
 def mask_to_rle(mask: np.ndarray) -> list[int]:
     """Brush RLE for a 2-D boolean mask: foreground 255, four channels per pixel.
 

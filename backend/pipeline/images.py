@@ -16,7 +16,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from backend.errors import HostNotAllowed, ImageTooLarge, ImageUnavailable, InvalidRequest, UnsupportedInput
+from backend.errors import HostNotAllowed, ImageTooLarge, ImageUnavailable, NotConfigured, UnsupportedInput
 from backend.settings import Settings
 from model.prompts import preprocess_shape
 from model.sam import IMAGE_SIZE
@@ -133,7 +133,7 @@ class ImageFetcher:
         ls = self.label_studio()
         if url.startswith("/"):
             if ls is None:
-                raise InvalidRequest(
+                raise NotConfigured(
                     f"image URL {display_url(url)} is relative to Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
                 )
             url = ls.base_url + url

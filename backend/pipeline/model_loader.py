@@ -65,6 +65,10 @@ class ModelLoader:
                 except CheckpointError as exc:
                     self._error = str(exc)
                     raise ModelUnavailable(self._error) from exc
+                except Exception as exc:  # building the model failed (torch, CUDA, memory): say so, once
+                    log.exception("SAM could not be built")
+                    self._error = f"SAM could not be built from {self.path}: {exc.__class__.__name__}: {exc}"
+                    raise ModelUnavailable(self._error) from exc
         return self._model
 
     def preload(self) -> None:

@@ -77,16 +77,16 @@ class Predictor:
         return {"result": regions, "score": score, "model_version": self._version(served)}
 
     def draft(self, task: dict, embedding: Embedding, config: ProjectConfig, timings: Timings,
-              project_id: int | None = None) -> dict:
+              project_id: int | None = None, automatic: AutomaticConfig | None = None) -> dict:
         """A draft for a whole task: one mask per box it carries (refined by the project's head),
-        else every object SAM finds."""
+        else every object SAM finds (`automatic`: the search's thresholds, from the settings by default)."""
         boxes = task_boxes(task, config)
         if boxes:
             return self._draft_from_boxes(embedding, boxes, config, timings, project_id, task_image_url(task, config))
         label = self.settings.prelabel_label or config.default_label()
         outputs = config.outputs_for(label, self.settings.output_type)
-        automatic = AutomaticConfig(points_per_side=self.settings.prelabel_points_per_side,
-                                    min_area_fraction=self.settings.prelabel_min_area / 100)
+        automatic = automatic or AutomaticConfig(points_per_side=self.settings.prelabel_points_per_side,
+                                                 min_area_fraction=self.settings.prelabel_min_area / 100)
         start = time.perf_counter()
         found = segment_everything(self.loader.get(), embedding.features, embedding.input_size, automatic)
         timings.add("everything", time.perf_counter() - start)
