@@ -59,3 +59,23 @@ def test_annotations_source_model_version_filter_and_unknown_labels():
     assert coco["annotations"][0]["area"] == 0.5 * 20 * 10
     assert to_coco(tasks, CONFIG, "predictions", model_version="b")["annotations"] == []
     assert len(to_coco(tasks, CONFIG, "predictions", model_version="a")["annotations"]) == 1
+
+
+def test_training_and_export_take_the_same_annotation_as_ground_truth():
+    # the rule was written twice with different results: training skipped empty annotations and
+    # read only updated_at; the export also read created_at and kept empty ones
+    from backend.labelstudio.corrections import task_objects
+
+    config = parse_label_config(protocol_body("predict_batch.json")["label_config"])
+    older = {"id": 1, "created_at": "2026-01-01", "result": [polygon([[10, 10], [60, 10], [60, 80]])]}
+    task = {"id": 5, "data": {"image": "x"}, "annotations": [older]}
+    assert len(task_objects(task, config)) == 1 and len(to_coco([task], config, "annotations")["annotations"]) == 1
+    # the annotator later removed every region: nothing to mark now, for both
+    task["annotations"].append({"id": 2, "created_at": "2026-03-01", "result": []})
+    assert task_objects(task, config) == []
+    assert to_coco([task], config, "annotations")["annotations"] == []
+    # a newer annotation only known by created_at wins for both
+    newer = {"id": 3, "created_at": "2026-05-01", "result": [polygon([[5, 5], [30, 5], [30, 30]]),
+                                                          polygon([[40, 40], [90, 40], [90, 90]])]}
+    task["annotations"].append(newer)
+    assert len(task_objects(task, config)) == 2 and len(to_coco([task], config, "annotations")["annotations"]) == 2

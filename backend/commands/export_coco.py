@@ -13,21 +13,19 @@ import numpy as np
 from backend.errors import BackendError
 from backend.labelstudio.label_config import ProjectConfig, parse_label_config
 from backend.labelstudio.client import LabelStudioApi
-from backend.labelstudio.rle import rle_to_mask
+from backend.labelstudio.regions import newest, newest_annotation, region_mask
 from model import masks
 
 SOURCES = ("predictions", "annotations")
 
 
 def _pick(task: dict, source: str, model_version: str | None) -> dict | None:
-    """The newest annotation (not cancelled), or the newest prediction (of `model_version` if given)."""
-    items = [i for i in task.get(source) or [] if isinstance(i, dict)]
+    """The task's ground truth (newest annotation not cancelled), or its newest prediction (of
+    `model_version` if given)."""
     if source == "annotations":
-        items = [i for i in items if not i.get("was_cancelled")]
-    elif model_version:
-        items = [i for i in items if i.get("model_version") == model_version]
-    return max(items, key=lambda i: (str(i.get("updated_at") or i.get("created_at") or ""), i.get("id") or 0),
-               default=None)
+        return newest_annotation(task)
+    items = [i for i in task.get("predictions") or [] if isinstance(i, dict)]
+    return newest([i for i in items if i.get("model_version") == model_version] if model_version else items)
 
 
 def _polygon_pixels(points: list, width: int, height: int) -> np.ndarray:
@@ -53,8 +51,9 @@ def region_shape(region: dict) -> tuple[list[np.ndarray], float, list[float]] | 
         poly = _polygon_pixels(value["points"], width, height)
         (x0, y0), (x1, y1) = poly.min(axis=0), poly.max(axis=0)
         return [poly], _area(poly), [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
-    if region.get("type") == "brushlabels" and value.get("format") == "rle":
-        mask = rle_to_mask(value["rle"], height, width)
+    parsed = region_mask(region) if region.get("type") == "brushlabels" else None
+    if parsed is not None:
+        mask = parsed[1]
         polygons = masks.polygons(mask, tolerance=1.0, min_area=1)
         if not polygons:
             return None

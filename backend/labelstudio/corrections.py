@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import cv2
 import numpy as np
 
 from backend.labelstudio.label_config import ProjectConfig
-from backend.labelstudio.rle import rle_to_mask
+from backend.labelstudio.regions import newest_annotation, region_mask
 from model.interactive import iou
 from model.prompts import preprocess_shape
 from model.sam import IMAGE_SIZE
@@ -32,39 +31,13 @@ def _input_size(region: dict) -> tuple[int, int] | None:
     return preprocess_shape(int(height), int(width), IMAGE_SIZE)
 
 
-def region_mask(region: dict, input_size: tuple[int, int]) -> tuple[str, np.ndarray] | None:
-    """(label, mask in the input frame) of a brush or polygon region; None for other region types."""
-    value = region.get("value") or {}
-    kind = region.get("type")
-    h, w = input_size
-    if kind == "brushlabels" and value.get("format") == "rle" and isinstance(value.get("rle"), list):
-        oh, ow = int(region["original_height"]), int(region["original_width"])
-        full = rle_to_mask(value["rle"], oh, ow)
-        mask = cv2.resize(full.astype(np.uint8), (w, h), interpolation=cv2.INTER_AREA if oh > h else cv2.INTER_NEAREST) > 0
-        labels = value.get("brushlabels") or []
-    elif kind == "polygonlabels" and isinstance(value.get("points"), list) and len(value["points"]) >= 3:
-        pts = np.asarray(value["points"], dtype=np.float64) / 100 * [w, h]
-        canvas = np.zeros((h, w), np.uint8)
-        cv2.fillPoly(canvas, [np.round(pts - 0.5).astype(np.int32).reshape(-1, 1, 2)], 1)
-        mask = canvas.astype(bool)
-        labels = value.get("polygonlabels") or []
-    else:
-        return None
-    return (labels[0] if labels else ""), mask
-
-
-def latest_annotation(task: dict) -> dict | None:
-    kept = [a for a in task.get("annotations") or [] if not a.get("was_cancelled") and a.get("result")]
-    return max(kept, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0)) if kept else None
-
-
 def task_objects(task: dict, config: ProjectConfig) -> list[ObjectMask]:
     """Every brush / polygon object of the task's newest submitted annotation."""
-    annotation = latest_annotation(task)
+    annotation = newest_annotation(task)
     if annotation is None:
         return []
     found = []
-    for region in annotation["result"]:
+    for region in annotation.get("result") or []:
         if region.get("to_name") != config.image_name:
             continue
         size = _input_size(region)

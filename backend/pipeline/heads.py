@@ -77,7 +77,3 @@ class ServingHeads:
             return
         self._served[project] = ServedHead(project, pointer, head)
         log.info("project %s: now serving refinement head %s", project, pointer)
-
-    def version_suffix(self, project: int | None) -> str:
-        served = self.for_project(project)
-        return "" if served is None else served.model_version_suffix
