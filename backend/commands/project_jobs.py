@@ -55,7 +55,9 @@ def prelabel_project(settings: Settings, project_id: int, wait: bool, out=sys.st
     """A draft prediction for every task without one of the version it would get, posted by workers."""
     services = _services(settings)
     model_id = services.loader.model_id
-    task_ids = services.label_studio_api().task_ids(project_id)
+    api = services.label_studio_api()
+    parse_label_config(api.label_config(project_id))  # a wrong project id or an unusable config: say so now
+    task_ids = api.task_ids(project_id)
     queued = queues.enqueue_prelabel(services.redis, model_id, project_id, task_ids)
     head = services.heads.for_project(project_id)
     print(f"project {project_id}: {len(task_ids)} tasks, {queued} queued for pre-labelling with "

@@ -116,8 +116,12 @@ class BackendServer:
                                 stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "backend.commands.cli", *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=120)
+        return self.cli_with({}, *args)
+
+    def cli_with(self, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+        """A `sam-backend` command with this backend's settings, some of them changed."""
+        return subprocess.run([sys.executable, "-m", "backend.commands.cli", *args], cwd=ROOT,
+                              env={**self.env, **env}, capture_output=True, text=True, timeout=120)
 
     def model_version(self) -> str:
         return requests.get(self.url + "/health", timeout=10).json()["model_version"]

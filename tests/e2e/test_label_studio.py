@@ -246,10 +246,15 @@ def test_prelabel_a_project_with_two_workers_one_killed_mid_run(label_studio, ba
     assert all(found <= {("Metal",)} for found in boxed_labels)  # the box's label
     assert all(found <= {("Plastic",)} for image, found in labels.items() if "boxed" not in image)  # default label
 
-    # a rerun drafts nothing twice
+    # a rerun drafts nothing twice: the same predictions (ids, versions, results); Label Studio's
+    # human-readable fields such as created_ago ("0 minutes", "1 minute") change with time alone
+    def identity(by_task: dict) -> dict:
+        return {task: [(p["id"], p["model_version"], p["result"]) for p in predictions]
+                for task, predictions in by_task.items()}
+
     again = backend.cli("prelabel", "--project", str(project["id"]), "--wait")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert predictions_by_task(label_studio, project["id"], model_version) == drafts
+    assert identity(predictions_by_task(label_studio, project["id"], model_version)) == identity(drafts)
 
     # the drafts as COCO for CVAT: one object per polygon region, on the right image, with its label
     out = tmp_path / "coco.json"
@@ -465,3 +470,15 @@ def test_annotations_train_a_head_that_the_backend_serves_live(label_studio, bac
     assert response.json()["data"]["model_version"].endswith(f"+head-p{pid}-v0001")
     listing = backend.cli("heads", "--project", str(pid))
     assert "* v0001" in listing.stdout and "v0002" in listing.stdout
+
+
+def test_commands_name_a_wrong_project_or_a_refused_token_without_a_traceback(label_studio, backend):
+    # Label Studio SDK errors used to escape as tracebacks; one place now turns them into messages
+    for command in ("warm", "prelabel", "export"):
+        result = backend.cli(command, "--project", "987654")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        assert "987654" in result.stderr and "404" in result.stderr and label_studio.url in result.stderr
+    revoked = backend.cli_with({"LABEL_STUDIO_API_KEY": "0" * 40}, "warm", "--project", "1")
+    assert revoked.returncode == 2 and "Traceback" not in revoked.stderr
+    assert "401" in revoked.stderr and "LABEL_STUDIO_API_KEY" in revoked.stderr
