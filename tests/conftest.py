@@ -39,6 +39,23 @@ def protocol_body(name: str) -> dict:
     return json.loads(path.read_text())["body"]
 
 
+# ---------------------------------------------------------------- kinds of test
+# unit: no services; integration: a real Redis, RQ workers, or our server in a subprocess;
+# e2e: a real Label Studio (tests/e2e). `pytest -m "not e2e"` runs the fast part.
+_INTEGRATION_FIXTURES = {"redis_server", "redis_url", "settings", "client", "make_client"}
+_INTEGRATION_MODULES = {"test_serve", "test_jobs", "test_load", "test_redis_roles"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)
+        elif _INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.stem in _INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
 # ---------------------------------------------------------------- Redis
 
 class RedisServer:
