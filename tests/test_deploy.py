@@ -96,3 +96,13 @@ def test_compose_worker_runs_the_real_worker_command(compose):
     # the backend leaves embedding to this service instead of starting its own worker
     assert compose["services"]["backend"]["environment"]["WARM_WORKERS"] == "0"
     assert worker["build"]["dockerfile_inline"] == compose["services"]["backend"]["build"]["dockerfile_inline"]
+
+
+def test_readme_sections_cited_elsewhere_exist():
+    # docker-compose.yml once sent admins to a README heading that did not exist
+    headings = set(re.findall(r"^#+ (.+?)\s*$", (ROOT / "README.md").read_text(), flags=re.M))
+    for name in ("docker-compose.yml", ".ci/run"):
+        text = (ROOT / name).read_text()
+        cited = re.findall(r'README(?:\.md)?,? (?:section|\(")\s*"?([^")\n]+)"', text)
+        for section in cited:
+            assert section.strip() in headings, f"{name} cites README section {section!r}"
