@@ -106,3 +106,14 @@ def test_readme_sections_cited_elsewhere_exist():
         cited = re.findall(r'README(?:\.md)?,? (?:section|\(")\s*"?([^")\n]+)"', text)
         for section in cited:
             assert section.strip() in headings, f"{name} cites README section {section!r}"
+
+
+def test_the_package_reads_no_files_from_its_source_tree():
+    # bench prelabel once read label_config/ beside the sources: absent from an installed package
+    # (the Docker image installs with `pip install .`)
+    offenders = [str(p.relative_to(ROOT)) for package in ("backend", "model") for p in (ROOT / package).rglob("*.py")
+                 if "__file__" in p.read_text()]
+    assert offenders == []
+    from backend.bench.prelabel import _CONFIG
+
+    assert {o.kind for o in parse_label_config(_CONFIG).outputs} == {"polygon"}

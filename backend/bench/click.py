@@ -27,6 +27,7 @@ from PIL import Image
 from backend.web.embedded_redis import EmbeddedRedis
 from backend.labelstudio.label_config import OutputTag
 from backend.labelstudio.results import brush_region, polygon_regions
+from backend.settings import Settings
 from backend.web.server import stop_process
 
 SIZES = {"1MP": (1280, 800), "20MP": (5472, 3648)}
@@ -109,9 +110,10 @@ def bench_checkpoint(args, work: Path) -> str:
     """SAM_CHECKPOINT, or with --random-weights a random-weight checkpoint of the real architecture
     (same cost as real weights; the masks are noise, so only timings mean anything)."""
     if not args.random_weights:
-        if not os.environ.get("SAM_CHECKPOINT"):
+        checkpoint = Settings.from_env().sam_checkpoint  # the one reader of the environment
+        if not checkpoint:
             sys.exit("benchmarks need real weights (SAM_CHECKPOINT) or the explicit --random-weights flag")
-        return os.environ["SAM_CHECKPOINT"]
+        return checkpoint
     import torch
     from segment_anything import sam_model_registry
 
@@ -139,7 +141,7 @@ def _time_output(kind: str, logits_input: np.ndarray, size: tuple[int, int], rep
 
 
 def run_click_bench(args) -> dict:
-    if not args.random_weights and not os.environ.get("SAM_CHECKPOINT"):
+    if not args.random_weights:
         bench_checkpoint(args, Path("."))  # exits with the reason, before starting anything
     work = Path(tempfile.mkdtemp(prefix="sam-bench-"))
     procs: list = []

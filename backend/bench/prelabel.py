@@ -27,7 +27,13 @@ from backend.web.embedded_redis import EmbeddedRedis
 from backend.web.server import stop_process
 
 _TOKEN = "benchprelabeltoken0123456789abcdef012345"
-_CONFIG = Path(__file__).resolve().parents[1] / "label_config" / "multi_object_polygon.xml"
+# inline, not label_config/*.xml: that folder is not part of an installed package (the Docker image)
+_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="Plastic"/><Label value="Metal"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="Plastic"/><Label value="Metal"/></RectangleLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="Plastic"/><Label value="Metal"/></PolygonLabels>
+</View>"""
 
 
 def _label_studio_executable(venv: str | None) -> str:
@@ -72,7 +78,7 @@ def _api(url: str, method: str, path: str, **kwargs) -> requests.Response:
 
 def _make_project(ls_url: str, files: Path, images: int, size: tuple[int, int]) -> tuple[int, list[int]]:
     project = _api(ls_url, "POST", "/api/projects", json={"title": "bench prelabel",
-                                                          "label_config": _CONFIG.read_text()}).json()
+                                                          "label_config": _CONFIG}).json()
     folder = files / "bench"
     folder.mkdir(parents=True)
     for i in range(images):
@@ -96,7 +102,7 @@ def _reset(connection: redis.Redis, ls_url: str, task_ids: list[int]) -> None:
 
 
 def run_prelabel_bench(args) -> dict:
-    if not args.random_weights and not os.environ.get("SAM_CHECKPOINT"):
+    if not args.random_weights:
         bench_checkpoint(args, Path("."))  # exits with the reason, before starting anything
     work = Path(tempfile.mkdtemp(prefix="sam-bench-prelabel-"))
     files = work / "files"
