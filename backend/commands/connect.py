@@ -42,7 +42,7 @@ def connect(settings: Settings, project_id: int, url: str, title: str, out=sys.s
                        basic_auth_pass=settings.basic_auth_pass)
     else:
         options.update(auth_method="NONE")
-    backend_id = api.register_backend(project_id, url, **options)
+    backend_id = api.register_backend(project_id, **options)
     config = parse_label_config(project.label_config)
     outputs = " and ".join(sorted({"a brush mask" if o.kind == "brush" else "polygons" for o in config.outputs}))
     print(NEXT_STEPS.format(title=title, url=url, project=project_id, project_title=project.title,

@@ -105,8 +105,10 @@ class LabelStudioApi:
                                                      model_version=model_version)
         return created.id
 
-    def register_backend(self, project_id: int, url: str, **options) -> int:
-        """Connect the ML backend at `url` to the project, or update the one already there. Returns its id."""
+    def register_backend(self, project_id: int, **options) -> int:
+        """Connect the ML backend at options["url"] to the project, or update the one already there.
+        Returns its id."""
+        url = options["url"]
         with self._calling(f"the ML backends of project {project_id}"):
             existing = [m for m in self.client.ml.list(project=project_id)
                         if (m.url or "").rstrip("/") == url.rstrip("/")]
