@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.errors import BackendError
 from backend.labelstudio.label_config import ProjectConfig, parse_label_config
 from backend.labelstudio.client import LabelStudioApi
 from backend.labelstudio.regions import newest, newest_annotation, region_mask
@@ -102,12 +101,9 @@ def to_coco(tasks: list[dict], config: ProjectConfig, source: str, model_version
 
 def export_project(settings, project_id: int, source: str, model_version: str | None, out_path: str,
                    out=sys.stdout) -> int:
-    try:
-        api = LabelStudioApi.from_settings(settings)
-        config = parse_label_config(api.label_config(project_id))
-    except BackendError as exc:
-        print(f"error: {exc.message}", file=out)
-        return 2
+    # a wrong project id, a refused token or an unusable config: the CLI reports the typed error
+    api = LabelStudioApi.from_settings(settings)
+    config = parse_label_config(api.label_config(project_id))
     tasks = [api.task(task_id) for task_id in api.task_ids(project_id)]
     coco = to_coco(tasks, config, source, model_version)
     Path(out_path).write_text(json.dumps(coco))
