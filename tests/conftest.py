@@ -157,6 +157,8 @@ class ImageServer:
         self.pat = fake_jwt({"token_type": "refresh", "exp": int(time.time()) + 86400})
         self.access_tokens: list[str] = []
         self.delays: dict[str, float] = {}  # path -> seconds to wait before answering (a slow host)
+        self.redirects: dict[str, tuple[int, str]] = {}  # path -> (status, Location)
+        self.trickle: dict[str, float] = {}  # path -> seconds between single bytes of the body
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -185,6 +187,13 @@ class ImageServer:
                     self.send_response(401)
                     self.end_headers()
                     return
+                if self.path in server.redirects:
+                    status, location = server.redirects[self.path]
+                    self.send_response(status)
+                    self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 delay = server.delays.get(self.path, 0)
                 deadline = time.monotonic() + delay
                 while time.monotonic() < deadline and server.delays.get(self.path):
@@ -197,6 +206,12 @@ class ImageServer:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if self.path in server.trickle:
+                    for i in range(len(body)):  # one byte at a time: each read is quick, the whole is not
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(server.trickle[self.path])
+                    return
                 self.wfile.write(body)
 
             def log_message(self, *args):

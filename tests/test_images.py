@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.errors import HostNotAllowed, ImageTooLarge, ImageUnavailable, InvalidRequest, UnsupportedInput
+from backend.errors import HostNotAllowed, ImageTooLarge, ImageUnavailable, NotConfigured, UnsupportedInput
 from backend.pipeline.images import ImageFetcher, decode_image
 from backend.settings import Settings
 from tests.conftest import TOKEN, make_image
@@ -113,10 +113,10 @@ def test_file_larger_than_max_image_bytes(image_server):
     assert fetcher_for(image_server, max_image_bytes=len(PNG)).fetch("/data/big.png") == PNG
 
 
-def test_relative_url_without_label_studio_is_invalid():
+def test_relative_url_without_label_studio_is_a_missing_setting():
     fetcher = ImageFetcher(Settings(image_timeout=5.0))
     assert not fetcher.has_label_studio()
-    with pytest.raises(InvalidRequest, match="LABEL_STUDIO_URL"):
+    with pytest.raises(NotConfigured, match="LABEL_STUDIO_URL"):
         fetcher.fetch("/data/upload/1/a.png")
 
 
@@ -133,7 +133,7 @@ def test_setup_with_a_non_http_hostname_is_ignored():
     fetcher = ImageFetcher(Settings(image_timeout=5.0))
     fetcher.remember_setup("localhost:8080", TOKEN)
     assert not fetcher.has_label_studio()
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(NotConfigured):
         fetcher.fetch("/data/upload/1/a.png")
 
 

@@ -14,9 +14,12 @@ from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
+from urllib3 import exceptions as urllib3_errors
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from backend.errors import HostNotAllowed, ImageTooLarge, ImageUnavailable, NotConfigured, UnsupportedInput
+from backend.errors import HostNotAllowed, ImageTooLarge, ImageUnavailable, InvalidRequest, NotConfigured, UnsupportedInput
 from backend.settings import Settings
 from model.prompts import preprocess_shape
 from model.sam import IMAGE_SIZE
@@ -30,8 +33,15 @@ _SECRET_PARAM = re.compile(r"(?i)(sig|signature|token|key|credential|secret|pass
 
 
 def display_url(url: str) -> str:
-    """The URL for messages and logs: presigned URLs carry credentials in the query string."""
-    parts = urlsplit(url)
+    """The URL for messages and logs: presigned URLs carry credentials in the query string, and
+    a URL may carry a password before its host."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is not None or (parts.username is not None and "@" in parts.netloc):
+        parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
+    url = parts.geturl()
     if not parts.query:
         return url
     query = "&".join(
@@ -41,10 +51,38 @@ def display_url(url: str) -> str:
     return parts._replace(query=query).geturl()
 
 
+_MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
 def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, (parts.hostname or "").lower(), port
+    """(scheme, host, port) that the HTTP client will really connect to.
+
+    Read with the client's own parser (requests prepares the URL, urllib3 parses it), and
+    cross-checked with urlsplit: a URL the two read differently (a backslash before "@", odd
+    userinfo) could pass the allowlist as one host and be fetched from another, carrying Label
+    Studio's token there. Such URLs are refused, as are control characters and bad ports.
+    """
+    if "\\" in url or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise InvalidRequest(f"image URL {display_url(url)!r} contains a backslash or a control character")
+    try:
+        prepared = requests.Request("GET", url).prepare().url or ""
+        parsed = parse_url(prepared)
+        split = urlsplit(url)
+        split_port = split.port
+        split_host = (split.hostname or "").lower()
+        if not split_host.isascii():  # requests sends international names IDNA-encoded
+            split_host = split_host.encode("idna").decode()
+    except (requests.RequestException, LocationParseError, ValueError, UnicodeError) as exc:
+        raise InvalidRequest(f"image URL {display_url(url)!r} cannot be parsed: {exc.__class__.__name__}") from None
+    scheme = (parsed.scheme or "").lower()
+    default = 443 if scheme == "https" else 80
+    host, port = (parsed.host or "").lower().strip("[]"), parsed.port or default
+    other = (split_host, split_port or default)
+    if other != (host, port):
+        raise InvalidRequest(f"image URL {display_url(url)!r} is ambiguous: it names {other[0]}:{other[1]} "
+                             f"but would connect to {host}:{port}")
+    return scheme, host, port
 
 
 def _looks_like_jwt(token: str) -> bool:
@@ -137,29 +175,40 @@ class ImageFetcher:
                     f"image URL {display_url(url)} is relative to Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
                 )
             url = ls.base_url + url
-        scheme, host, _ = _origin(url)
+        scheme, host, port = _origin(url)
         if scheme not in ("http", "https"):
             raise UnsupportedInput(
                 f"image URL scheme {scheme or url[:16]!r} is not supported: serve images over http(s) "
                 "or through Label Studio (cloud storage with presigned URLs, local files, uploads)"
             )
-        same_as_ls = ls is not None and _origin(url) == _origin(ls.base_url)
+        same_as_ls = ls is not None and (scheme, host, port) == _origin(ls.base_url)
         allowed = self.settings.allowed_image_hosts
         if not (same_as_ls or "*" in allowed or host in allowed):
             raise HostNotAllowed(
-                f"downloading images from {host} is not allowed; add it to ALLOWED_IMAGE_HOSTS "
-                f"(allowed now: {', '.join(allowed) or 'the Label Studio host only'})"
+                f"downloading images from {host}:{port} is not allowed; add {host} to ALLOWED_IMAGE_HOSTS "
+                f"(allowed now: {', '.join(allowed) or 'the Label Studio origin only'})"
             )
         # credentials go only to Label Studio itself, never to third-party hosts
         return url, (ls if same_as_ls else None)
 
     def fetch(self, url: str) -> bytes:
+        """The image's bytes. IMAGE_TIMEOUT bounds the whole download, redirects included; every
+        redirect hop is checked against the allowlist like the first URL, and Label Studio's
+        credentials go only to hops on Label Studio's own origin."""
         shown = display_url(url)
-        absolute, auth = self.resolve(url)
-        response = self._get(absolute, auth, force_refresh=False)
-        if response.status_code == 401 and auth is not None and auth.api_key and _looks_like_jwt(auth.api_key):
+        deadline = time.monotonic() + self.settings.image_timeout
+        for _ in range(_MAX_REDIRECTS + 1):
+            absolute, auth = self.resolve(url)
+            response = self._get(absolute, auth, False, deadline)
+            if response.status_code == 401 and auth is not None and auth.api_key and _looks_like_jwt(auth.api_key):
+                response.close()
+                response = self._get(absolute, auth, True, deadline)
+            if response.status_code not in _REDIRECTS or not response.headers.get("Location"):
+                break
             response.close()
-            response = self._get(absolute, auth, force_refresh=True)
+            url = urljoin(absolute, response.headers["Location"])
+        else:
+            raise ImageUnavailable(f"downloading {shown} was redirected more than {_MAX_REDIRECTS} times")
         with response:
             if response.status_code in (401, 403):
                 raise ImageUnavailable(
@@ -168,25 +217,36 @@ class ImageFetcher:
                 )
             if response.status_code != 200:
                 raise ImageUnavailable(f"downloading {shown} failed with HTTP {response.status_code}")
-            limit = self.settings.max_image_bytes
-            declared = int(response.headers.get("Content-Length") or 0)
-            if declared > limit:
-                raise ImageTooLarge(f"image {shown} is {declared} bytes; MAX_IMAGE_BYTES is {limit}")
-            chunks, size = [], 0
-            try:
-                for chunk in response.iter_content(chunk_size=1 << 20):
-                    size += len(chunk)
-                    if size > limit:
-                        raise ImageTooLarge(f"image {shown} is larger than MAX_IMAGE_BYTES={limit}")
-                    chunks.append(chunk)
-            except requests.RequestException as exc:
-                raise ImageUnavailable(f"downloading {shown} was interrupted: {exc}") from exc
-            return b"".join(chunks)
+            return self._read_body(response, shown, deadline)
 
-    def _get(self, url: str, auth: LabelStudioAuth | None, force_refresh: bool) -> requests.Response:
-        headers = auth.header(force_refresh) if auth is not None else {}
+    def _read_body(self, response: requests.Response, shown: str, deadline: float) -> bytes:
+        limit = self.settings.max_image_bytes
+        declared = response.headers.get("Content-Length") or "0"
+        if declared.isdigit() and int(declared) > limit:
+            raise ImageTooLarge(f"image {shown} is {declared} bytes; MAX_IMAGE_BYTES is {limit}")
+        chunks, size = [], 0
         try:
-            return self._session.get(url, headers=headers, stream=True, timeout=self.settings.image_timeout)
+            while True:
+                # read1: whatever has arrived, so a server trickling bytes cannot outlast the deadline
+                chunk = response.raw.read1(1 << 20, decode_content=True)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise ImageTooLarge(f"image {shown} is larger than MAX_IMAGE_BYTES={limit}")
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise ImageUnavailable(
+                        f"downloading {shown} took longer than IMAGE_TIMEOUT={self.settings.image_timeout} s")
+        except (requests.RequestException, urllib3_errors.HTTPError, OSError) as exc:
+            raise ImageUnavailable(f"downloading {shown} was interrupted: {exc.__class__.__name__}") from exc
+        return b"".join(chunks)
+
+    def _get(self, url: str, auth: LabelStudioAuth | None, force_refresh: bool, deadline: float) -> requests.Response:
+        headers = auth.header(force_refresh) if auth is not None else {}
+        remaining = max(deadline - time.monotonic(), 0.001)
+        try:
+            return self._session.get(url, headers=headers, stream=True, timeout=remaining, allow_redirects=False)
         except requests.Timeout as exc:
             raise ImageUnavailable(f"downloading {display_url(url)} timed out after {self.settings.image_timeout} s") from exc
         except requests.RequestException as exc:

@@ -1,0 +1,103 @@
+"""Hostile input to the image path (issue 11): where the token goes, redirects, passwords in URLs,
+a server trickling bytes. Real HTTP servers on 127.0.0.1 record what reached them."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from backend.errors import HostNotAllowed, ImageUnavailable, InvalidRequest
+from backend.pipeline.images import ImageFetcher
+from backend.settings import Settings
+from tests.conftest import TOKEN, ImageServer, make_image
+
+PNG = make_image(40, 30)
+
+
+@pytest.fixture
+def other_server():
+    """Another host:port: not Label Studio, not allowed unless a test says so."""
+    server = ImageServer()
+    yield server
+    server.stop()
+
+
+def fetcher(ls, **changes) -> ImageFetcher:
+    settings = Settings(label_studio_url=ls.url, label_studio_api_key=TOKEN, image_timeout=5.0)
+    return ImageFetcher(settings.replace(**changes))
+
+
+def tokens_seen(server: ImageServer) -> list[str]:
+    return [auth for _, auth in server.requests if auth]
+
+
+@pytest.mark.parametrize("template", [
+    "http://localhost:{other}\\@127.0.0.1:{ls}/data/a.png",   # the finding: urlsplit sees 127.0.0.1:{ls}
+    "http://127.0.0.1:{ls}\\@localhost:{other}/data/a.png",
+    "http://localhost:{other}\t@127.0.0.1:{ls}/data/a.png",
+    "http://localhost:{other}\r\n@127.0.0.1:{ls}/data/a.png",
+])
+def test_the_token_never_reaches_a_host_hidden_in_an_ambiguous_url(image_server, other_server, template):
+    image_server.add("/data/a.png", PNG)
+    other_server.add("/data/a.png", PNG)
+    url = template.format(other=other_server.port, ls=image_server.port)
+    with pytest.raises(InvalidRequest):
+        fetcher(image_server, allowed_image_hosts=("localhost",)).fetch(url)
+    assert tokens_seen(other_server) == [] and other_server.requests == []
+
+
+def test_userinfo_does_not_make_another_host_look_like_label_studio(image_server, other_server):
+    other_server.add("/data/a.png", PNG)
+    url = f"http://127.0.0.1:{image_server.port}@localhost:{other_server.port}/data/a.png"
+    with pytest.raises(HostNotAllowed, match=f"localhost:{other_server.port}"):
+        fetcher(image_server).fetch(url)
+    assert other_server.requests == []
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_to_a_host_that_is_not_allowed_is_refused(image_server, other_server, status):
+    other_server.add("/secret.png", PNG)
+    image_server.redirects["/data/r.png"] = (status, f"http://localhost:{other_server.port}/secret.png")
+    with pytest.raises(HostNotAllowed, match=f"localhost:{other_server.port}"):
+        fetcher(image_server).fetch("/data/r.png")
+    assert other_server.requests == []
+
+
+def test_a_redirect_between_allowed_hosts_works_without_forwarding_the_token(image_server, other_server):
+    other_server.add("/cdn/a.png", PNG)
+    image_server.redirects["/data/r.png"] = (302, f"http://localhost:{other_server.port}/cdn/a.png")
+    got = fetcher(image_server, allowed_image_hosts=("localhost",)).fetch("/data/r.png")
+    assert got == PNG
+    assert tokens_seen(image_server) == [f"Token {TOKEN}"]  # the first hop is Label Studio's
+    assert tokens_seen(other_server) == []  # the token stays with Label Studio
+
+
+def test_redirect_loops_end(image_server):
+    image_server.redirects["/data/loop.png"] = (302, "/data/loop.png")
+    with pytest.raises(ImageUnavailable, match="redirected more than"):
+        fetcher(image_server).fetch("/data/loop.png")
+
+
+def test_a_password_in_an_image_url_appears_in_no_message_or_log(image_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = f"http://user:pa55word@localhost:{image_server.port}/a.png"
+    with pytest.raises(HostNotAllowed) as refused:
+        fetcher(image_server).fetch(url)
+    assert "pa55word" not in refused.value.message
+    with pytest.raises(ImageUnavailable) as missing:  # allowed host, missing file: the 404 message
+        fetcher(image_server, allowed_image_hosts=("localhost",)).fetch(url)
+    assert "pa55word" not in missing.value.message
+    assert "pa55word" not in caplog.text
+
+
+def test_image_timeout_bounds_the_whole_download(image_server):
+    # each byte arrives well within the timeout, the whole image does not: a trickling server
+    # used to hold a thread for as long as it liked
+    image_server.add("/slow.png", PNG)
+    image_server.trickle["/slow.png"] = 0.2
+    start = time.monotonic()
+    with pytest.raises(ImageUnavailable, match="IMAGE_TIMEOUT"):
+        fetcher(image_server, allowed_image_hosts=("127.0.0.1",), image_timeout=1.0).fetch(image_server.url + "/slow.png")
+    assert time.monotonic() - start < 10  # generous: the bound is about one IMAGE_TIMEOUT
