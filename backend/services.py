@@ -15,7 +15,7 @@ from backend.labelstudio.client import LabelStudioApi
 from backend.metrics import Metrics
 from backend.pipeline.embeddings import Embedder, EmbeddingCache
 from backend.pipeline.heads import ServingHeads
-from backend.pipeline.images import ImageFetcher
+from backend.pipeline.images import ImageFetcher, same_origin
 from backend.pipeline.model_loader import ModelLoader
 from backend.pipeline.predict import Predictor
 from backend.settings import Settings
@@ -62,8 +62,26 @@ class Services:
             metrics.watch_acceptance(lambda: acceptance_rows(client))
         return cls(settings, metrics, client, loader, cache, fetcher, embedder, heads, predictor, background)
 
+    def setup_accepted(self, hostname: str) -> bool:
+        """Whether /setup may tell this backend where Label Studio is and which token to use.
+
+        /setup decides where downloads go and what token they carry, so it must not come from just
+        anyone who can reach the port: its values are taken when basic auth is on (the caller
+        proved it is the Label Studio the admin connected), or when its hostname is the very
+        LABEL_STUDIO_URL the admin configured (then it can only supply the token for it).
+        """
+        if self.settings.basic_auth_enabled:
+            return True
+        configured = self.settings.label_studio_url
+        return configured is not None and same_origin(hostname, configured)
+
     def share_setup(self, hostname: str, token: str) -> None:
-        """Other workers and machines did not see this /setup: leave it in Redis for them."""
+        """Take /setup's Label Studio address and token (when accepted) and leave them in Redis for
+        the other workers and machines that did not see this call."""
+        if not self.setup_accepted(hostname):
+            log.warning("ignoring /setup's hostname and token: without basic auth only LABEL_STUDIO_URL's own origin "
+                        "is taken from /setup (set LABEL_STUDIO_URL, or BASIC_AUTH_USER/PASS)")
+            return
         self.fetcher.remember_setup(hostname, token)
         if self.redis is None:
             return
@@ -83,7 +101,7 @@ class Services:
             self.metrics.redis_errors.inc()
             log.warning("could not read the shared /setup from Redis: %s", exc)
             return
-        if shared:
+        if shared and self.setup_accepted(shared[b"hostname"].decode()):
             self.fetcher.remember_setup(shared[b"hostname"].decode(), shared[b"access_token"].decode())
 
     def label_studio_api(self) -> LabelStudioApi:

@@ -254,18 +254,21 @@ def test_missing_checkpoint_reports_where_to_put_it(settings, make_client, tmp_p
     assert response.status_code == 503 and str(missing) in response.json["error"]
 
 
-def test_setup_token_is_the_fallback_for_images(settings, make_client, served):
-    c, _ = make_client(settings.replace(label_studio_url=None, label_studio_api_key=None))
-    refused = c.post("/predict", json=keypoint_body())  # relative URL, no Label Studio known
+def test_setup_token_is_the_fallback_for_images_when_basic_auth_proves_the_caller(settings, make_client, served):
+    auth = {"Authorization": "Basic " + base64.b64encode(b"ls:secret").decode()}
+    bare = settings.replace(label_studio_url=None, label_studio_api_key=None, basic_auth_user="ls",
+                            basic_auth_pass="secret")
+    c, _ = make_client(bare)
+    refused = c.post("/predict", json=keypoint_body(), headers=auth)  # relative URL, no Label Studio known
     # the server lacks a setting; the caller did nothing wrong: 503 naming it, not 400 "malformed"
     assert refused.status_code == 503 and "LABEL_STUDIO_URL" in refused.json["error"]
     setup = protocol_body("setup.json")
     setup.update(hostname=served.url, access_token=TOKEN)
-    assert c.post("/setup", json=setup).status_code == 200
-    assert c.post("/predict", json=keypoint_body()).status_code == 200
+    assert c.post("/setup", json=setup, headers=auth).status_code == 200
+    assert c.post("/predict", json=keypoint_body(), headers=auth).status_code == 200
     # another worker that never saw /setup finds it through Redis
-    c2, _ = make_client(settings.replace(label_studio_url=None, label_studio_api_key=None))
-    assert c2.post("/predict", json=keypoint_body()).status_code == 200
+    c2, _ = make_client(bare)
+    assert c2.post("/predict", json=keypoint_body(), headers=auth).status_code == 200
 
 
 def test_concurrent_clicks_on_four_images_match_serial_clicks(settings, make_client, image_server):

@@ -101,3 +101,59 @@ def test_image_timeout_bounds_the_whole_download(image_server):
     with pytest.raises(ImageUnavailable, match="IMAGE_TIMEOUT"):
         fetcher(image_server, allowed_image_hosts=("127.0.0.1",), image_timeout=1.0).fetch(image_server.url + "/slow.png")
     assert time.monotonic() - start < 10  # generous: the bound is about one IMAGE_TIMEOUT
+
+
+# ---------------------------------------------------------------- /setup
+
+
+def keypoint_body(image: str = "/data/upload/1/a.png") -> dict:
+    from tests.conftest import protocol_body
+
+    body = protocol_body("predict_interactive_keypointlabels.json")
+    body["tasks"][0]["data"]["image"] = image
+    return body
+
+
+def test_an_unauthenticated_setup_cannot_move_downloads(settings, make_client, image_server, other_server):
+    # basic auth off (the default): anyone who reaches the port can call /setup
+    image_server.add("/data/upload/1/a.png", PNG)
+    other_server.add("/data/upload/1/a.png", PNG)
+    c, _ = make_client(settings)
+    from tests.conftest import protocol_body
+
+    hostile = protocol_body("setup.json")
+    hostile.update(hostname=other_server.url, access_token="attacker-token")
+    assert c.post("/setup", json=hostile).status_code == 200  # answered, but changes nothing
+    assert c.post("/predict", json=keypoint_body()).status_code == 200
+    assert other_server.requests == []  # the image came from LABEL_STUDIO_URL, with its token
+    assert image_server.requests[-1] == ("/data/upload/1/a.png", f"Token {TOKEN}")
+    # nor through Redis, for the other workers
+    c2, _ = make_client(settings)
+    assert c2.post("/predict", json=keypoint_body()).status_code == 200
+    assert other_server.requests == []
+
+
+def test_without_label_studio_url_or_basic_auth_setup_is_not_taken(settings, make_client, image_server):
+    image_server.add("/data/upload/1/a.png", PNG)
+    c, _ = make_client(settings.replace(label_studio_url=None, label_studio_api_key=None))
+    from tests.conftest import protocol_body
+
+    setup = protocol_body("setup.json")
+    setup.update(hostname=image_server.url, access_token=TOKEN)
+    assert c.post("/setup", json=setup).status_code == 200
+    refused = c.post("/predict", json=keypoint_body())
+    assert refused.status_code == 503 and "LABEL_STUDIO_URL" in refused.json["error"]
+    assert image_server.requests == []
+
+
+@pytest.mark.parametrize("field, value", [("hostname", "http://h\ud800/"), ("access_token", "tok\ud800en"),
+                                          ("hostname", "http://h/\r\nX-Forged: 1")])
+def test_setup_with_unprintable_values_is_a_clear_400(client, field, value):
+    from tests.conftest import protocol_body
+
+    c, _ = client
+    setup = protocol_body("setup.json")
+    setup.update(hostname="http://127.0.0.1:1", access_token="t")
+    setup[field] = value
+    response = c.post("/setup", json=setup)
+    assert response.status_code == 400 and field in response.json["error"]

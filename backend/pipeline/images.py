@@ -85,6 +85,14 @@ def _origin(url: str) -> tuple[str, str, int]:
     return scheme, host, port
 
 
+def same_origin(a: str, b: str) -> bool:
+    """Whether two URLs reach the same scheme, host and port (False when either cannot be parsed)."""
+    try:
+        return _origin(a.rstrip("/")) == _origin(b.rstrip("/"))
+    except InvalidRequest:
+        return False
+
+
 def _looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2 and token.startswith("eyJ")
 
@@ -149,7 +157,9 @@ class ImageFetcher:
 
     def remember_setup(self, hostname: str | None, access_token: str | None) -> None:
         """Label Studio's /setup tells us its address and a token: the fallback when none is configured."""
-        if hostname and urlsplit(hostname).scheme in ("http", "https"):
+        if not hostname or not access_token or not same_origin(hostname, hostname):  # unparsable: ignored
+            return
+        if urlsplit(hostname).scheme in ("http", "https"):
             self._from_setup = LabelStudioAuth(
                 hostname.rstrip("/"), access_token, self._session, self.settings.image_timeout
             )
@@ -161,7 +171,7 @@ class ImageFetcher:
         if self.settings.label_studio_url:
             if self._configured.api_key or self._from_setup is None:
                 return self._configured
-            if _origin(self._from_setup.base_url) == _origin(self.settings.label_studio_url):
+            if same_origin(self._from_setup.base_url, self.settings.label_studio_url):
                 return self._from_setup  # same server, token only from /setup
             return self._configured
         return self._from_setup

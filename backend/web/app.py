@@ -114,6 +114,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         body = json_body()
         hostname, token = body.get("hostname"), body.get("access_token")
         if isinstance(hostname, str) and isinstance(token, str):
+            for name, value in (("hostname", hostname), ("access_token", token)):
+                if not value.isprintable() or not value.encode("utf-8", "replace").decode() == value:
+                    raise InvalidRequest(f"/setup's {name} must be printable text")
             services.share_setup(hostname, token)
         return jsonify({"model_version": services.predictor.model_version(project_number(body.get("project")))})
 
