@@ -9,7 +9,7 @@ import logging
 
 import redis
 
-from backend.jobs.queues import BackgroundJobs, job_counts
+from backend.jobs.queues import BackgroundJobs, job_counts, store_risks
 from backend.jobs.training import acceptance_rows
 from backend.labelstudio.client import LabelStudioApi
 from backend.metrics import Metrics
@@ -30,7 +30,7 @@ _SETUP_KEY = "sam-backend:setup"
 class Services:
     settings: Settings
     metrics: Metrics
-    redis: redis.Redis | None
+    redis: redis.Redis | None  # the job store (queues, job records, setup): never the evictable cache
     loader: ModelLoader
     cache: EmbeddingCache
     fetcher: ImageFetcher
@@ -42,14 +42,18 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, loader: ModelLoader | None = None) -> "Services":
         metrics = Metrics()
-        client = None
+        client = cache_client = None
         if settings.redis_url:
             # short timeouts: an unreachable Redis must cost a click milliseconds, not seconds
             client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+            cache_client = client if settings.cache_url == settings.redis_url else redis.Redis.from_url(
+                settings.cache_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+            for risk in store_risks(client, shares_cache=cache_client is client):
+                log.warning("%s", risk)
         else:
             log.warning("REDIS_URL is not set: embeddings are cached in this process only")
         loader = loader or ModelLoader(settings)
-        cache = EmbeddingCache(client, metrics, settings.embedding_ttl, settings.embedding_lru_size,
+        cache = EmbeddingCache(cache_client, metrics, settings.embedding_ttl, settings.embedding_lru_size,
                                settings.url_digest_ttl)
         fetcher = ImageFetcher(settings)
         embedder = Embedder(settings, loader, cache, fetcher, metrics)

@@ -15,14 +15,14 @@ OUTPUT_TYPES = ("both", "brush", "polygon")
 
 # every environment variable the backend reads; README.md documents each (a test checks both)
 ENV_VARS = (
-    "SAM_MODEL_TYPE", "SAM_CHECKPOINT", "DEVICE", "REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY",
+    "SAM_MODEL_TYPE", "SAM_CHECKPOINT", "DEVICE", "REDIS_URL", "CACHE_REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY",
     "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "MODEL_DIR", "LOG_LEVEL", "HOST", "PORT", "WORKERS", "THREADS",
     "TORCH_THREADS", "ALLOWED_IMAGE_HOSTS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "IMAGE_TIMEOUT",
     "EMBEDDING_TTL", "EMBEDDING_LRU_SIZE", "URL_DIGEST_TTL", "OUTPUT_TYPE", "POLYGON_TOLERANCE",
     "POLYGON_MIN_AREA", "PRELABEL_ON_PREDICT", "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
     "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE", "PREFETCH_TASKS",
     "HEADS_DIR", "HEAD_RELOAD_SECONDS", "TRAIN_AFTER_ANNOTATIONS", "TRAIN_STEPS", "TRAIN_MARGIN",
-    "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT",
+    "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT", "JOB_MAX_RETRIES",
 )
 
 
@@ -35,7 +35,8 @@ class Settings:
     sam_model_type: str = "vit_b"
     sam_checkpoint: str | None = None
     device: str = "auto"
-    redis_url: str | None = None
+    redis_url: str | None = None  # the job store: queues, job records, heartbeats (never evicted)
+    cache_redis_url: str | None = None  # the embedding cache (evictable); None: the same Redis as redis_url
     label_studio_url: str | None = None
     label_studio_api_key: str | None = None
     basic_auth_user: str | None = None
@@ -71,6 +72,7 @@ class Settings:
     train_margin: float = 1.0
     train_min_corrections: int = 8
     train_timeout: int = 3600
+    job_max_retries: int = 2  # a job whose worker died is queued again this many times, then fails
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -129,6 +131,7 @@ class Settings:
             sam_checkpoint=text("SAM_CHECKPOINT", None),
             device=device,
             redis_url=text("REDIS_URL", None),
+            cache_redis_url=text("CACHE_REDIS_URL", None),
             label_studio_url=ls_url,
             label_studio_api_key=text("LABEL_STUDIO_API_KEY", None),
             basic_auth_user=user,
@@ -164,11 +167,16 @@ class Settings:
             train_margin=number("TRAIN_MARGIN", d.train_margin, kind=float, minimum=0.0),
             train_min_corrections=number("TRAIN_MIN_CORRECTIONS", d.train_min_corrections, minimum=2),
             train_timeout=number("TRAIN_TIMEOUT", d.train_timeout, minimum=60),
+            job_max_retries=number("JOB_MAX_RETRIES", d.job_max_retries, minimum=0),
         )
 
     @property
     def head_registry_dir(self) -> Path:
         return self.heads_dir or self.model_dir / "heads"
+
+    @property
+    def cache_url(self) -> str | None:
+        return self.cache_redis_url or self.redis_url
 
     @property
     def basic_auth_enabled(self) -> bool:

@@ -52,14 +52,21 @@ def test_compose_backend_command_and_env_match_the_cli(compose):
     assert yaml.safe_load(cmd_line) == argv
 
 
-def test_compose_redis_is_a_bounded_cache_with_snapshots(compose):
-    redis = compose["services"]["redis"]
-    words = shlex.split(redis["command"].replace("${REDIS_MAXMEMORY:-4gb}", "4gb"))
+def test_compose_keeps_jobs_and_the_cache_in_separate_redis_instances(compose):
+    store = shlex.split(compose["services"]["redis"]["command"])
+    assert store[0] == "redis-server" and store[store.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--maxmemory" not in store and "--save" in store
+    cache = compose["services"]["redis-cache"]
+    words = shlex.split(cache["command"].replace("${REDIS_MAXMEMORY:-4gb}", "4gb"))
     assert words[0] == "redis-server"
     assert words[words.index("--maxmemory-policy") + 1] == "allkeys-lru"
     assert words[words.index("--maxmemory") + 1] == "4gb"
     assert "--save" in words
-    assert compose["services"]["backend"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    env = compose["services"]["backend"]["environment"]
+    assert env["CACHE_REDIS_URL"].startswith("redis://redis-cache:") and env["REDIS_URL"].startswith("redis://redis:")
+    for service in ("backend", "worker"):
+        for dependency in ("redis", "redis-cache"):
+            assert compose["services"][service]["depends_on"][dependency]["condition"] == "service_healthy"
     ls = compose["services"]["label-studio"]["environment"]
     assert ls["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
 

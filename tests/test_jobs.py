@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -48,26 +49,30 @@ def test_a_failed_job_is_replaced_on_the_next_request(settings, image_server):
     assert len(conn.keys("sam-backend:emb:*")) == 1
 
 
-def test_a_job_that_finishes_and_vanishes_while_it_is_followed_reads_as_done(settings, image_server):
-    # CI once caught a job finishing between Job.fetch and a second status read: its hash was
-    # already deleted (result_ttl=0) and rq raised instead of reporting it done
+def test_followers_tell_done_from_gone(settings, image_server):
+    # a finished job keeps a short record; one with no record at all was lost (Redis flushed or
+    # evicted it) and is reported, where it used to count as done
+    from backend.jobs.follow import follow_jobs
+
     conn = redis.Redis.from_url(settings.redis_url)
     model_id = ModelLoader(settings).model_id
     url = image_server.add("/data/upload/quick.png", make_image(40, 30))
     assert jobs.enqueue_warm(conn, model_id, [url]) == 1
-    snapshot = jobs.fetch_job(conn, jobs.warm_job_id(model_id, url))
+    job_id = jobs.warm_job_id(model_id, url)
+    snapshot = jobs.fetch_job(conn, job_id)
     assert snapshot.get_status(refresh=False) == JobStatus.QUEUED
-    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0  # finishes, and its hash is deleted
-    assert not conn.exists(snapshot.key)
-    assert not jobs.abandoned(conn, snapshot)  # reads the snapshot, not the vanished hash
-    assert jobs.fetch_job(conn, snapshot.id) is None
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
+    assert not jobs.abandoned(conn, snapshot)  # reads the snapshot
+    assert jobs.fetch_job(conn, job_id).get_status(refresh=False) == JobStatus.FINISHED
+    out = io.StringIO()
+    assert follow_jobs(conn, jobs.WARM_QUEUE, {job_id: "a.png"}, "embedding", out, poll=0.1) == {}
+    conn.delete(f"rq:job:{job_id}")  # what a flushed Redis leaves
+    failures = follow_jobs(conn, jobs.WARM_QUEUE, {job_id: "a.png"}, "embedding", out, poll=0.1)
+    assert failures["a.png"].startswith("lost")
     assert jobs.enqueue_warm(conn, model_id, [url]) == 1  # done jobs do not block a new request
 
 
-def test_a_worker_killed_mid_job_loses_only_that_job_and_it_is_retried(settings, image_server, tmp_path):
-    conn = redis.Redis.from_url(settings.redis_url)
-    url = image_server.add("/data/upload/slow.png", make_image(48, 36))
-    image_server.delays[url] = 120  # the download hangs: the job is mid-way when the worker dies
+def _start_job_and_kill_its_worker(settings, conn, url: str, tmp_path) -> str:
     env = dict(os.environ, SAM_CHECKPOINT=settings.sam_checkpoint, REDIS_URL=settings.redis_url,
                LABEL_STUDIO_URL=settings.label_studio_url, LABEL_STUDIO_API_KEY=TOKEN,
                MODEL_DIR=str(tmp_path / "models"), DEVICE="cpu", TORCH_THREADS="1")
@@ -92,14 +97,45 @@ def test_a_worker_killed_mid_job_loses_only_that_job_and_it_is_retried(settings,
             worker.kill()
     # right after the kill the job still looks alive: asking again adds nothing
     assert jobs.enqueue_warm(conn, model_id, [url]) == 0
-    time.sleep(jobs.ALIVE_TTL + 1)
-    assert jobs.abandoned(conn, Job.fetch(job_id, connection=conn, serializer=JSONSerializer))
+    return job_id
+
+
+def test_a_killed_workers_job_is_finished_by_another_worker_without_anyone_asking(settings, image_server, tmp_path):
+    conn = redis.Redis.from_url(settings.redis_url)
+    url = image_server.add("/data/upload/slow.png", make_image(48, 36))
+    image_server.delays[url] = 120  # the download hangs: the job is mid-way when the worker dies
+    job_id = _start_job_and_kill_its_worker(settings, conn, url, tmp_path)
     image_server.delays.clear()
-    assert jobs.enqueue_warm(conn, model_id, [url]) == 1  # queued again, once
-    assert jobs.queue(conn).count == 1
-    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
-    assert len(conn.keys("sam-backend:emb:*")) == 1
-    assert not conn.exists(f"rq:job:{job_id}")  # done and forgotten
+    env = dict(os.environ, SAM_CHECKPOINT=settings.sam_checkpoint, REDIS_URL=settings.redis_url,
+               LABEL_STUDIO_URL=settings.label_studio_url, LABEL_STUDIO_API_KEY=TOKEN,
+               MODEL_DIR=str(tmp_path / "models"), DEVICE="cpu", TORCH_THREADS="1")
+    second = subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "worker", "--queues", jobs.WARM_QUEUE],
+                              cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + jobs.ALIVE_TTL + 90
+        while time.monotonic() < deadline and not conn.keys("sam-backend:emb:*"):
+            time.sleep(0.5)
+        assert len(conn.keys("sam-backend:emb:*")) == 1  # nobody re-ran anything
+        job = jobs.fetch_job(conn, job_id)
+        assert job.get_status(refresh=False) == JobStatus.FINISHED and job.get_meta(refresh=False)["retries"] == 1
+    finally:
+        second.terminate()
+        second.wait(timeout=60)
+
+
+def test_a_job_whose_workers_keep_dying_fails_saying_why(settings, image_server, tmp_path):
+    from backend.jobs.follow import follow_jobs
+
+    conn = redis.Redis.from_url(settings.redis_url)
+    url = image_server.add("/data/upload/hang.png", make_image(48, 36))
+    image_server.delays[url] = 120
+    job_id = _start_job_and_kill_its_worker(settings, conn, url, tmp_path)
+    image_server.delays.clear()
+    time.sleep(jobs.ALIVE_TTL + 1)
+    assert jobs.requeue_abandoned(conn, [jobs.WARM_QUEUE], max_retries=0) == {job_id: "failed"}
+    failures = follow_jobs(conn, jobs.WARM_QUEUE, {job_id: "hang.png"}, "embedding", io.StringIO(), poll=0.1)
+    assert "worker died 1 times" in failures["hang.png"]
+    assert jobs.queue(conn).failed_job_registry.count == 1 and jobs.queue(conn).started_job_registry.count == 0
 
 
 def test_metrics_show_job_counts_per_queue(settings, make_client, image_server):

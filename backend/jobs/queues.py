@@ -2,9 +2,11 @@
 workers queue). Jobs carry only JSON (never pickles) and assume nothing about the machine that
 enqueued them: any worker on any machine sharing the Redis can run them (bodies: backend.jobs.tasks).
 
-One job per image (warm) or per task and model version (prelabel), by job id: a second request
+One job per image (warm) or per task and SAM checkpoint (prelabel), by job id: a second request
 while one is queued or running adds nothing. A running job refreshes a heartbeat key; a job whose
-worker died (SIGKILL, lost machine) stops beating and is queued again by the next request.
+worker died (SIGKILL, lost machine) stops beating, and any worker's periodic sweep queues it again
+(at most JOB_MAX_RETRIES times, then it fails saying why). These records live in the job store's
+Redis, which never evicts (the embedding cache has a Redis of its own: backend/web/embedded_redis.py).
 """
 
 from __future__ import annotations
@@ -37,7 +39,33 @@ TRAIN_QUEUE = "sam-train"
 # a worker takes embedding jobs first (annotators wait on those), training last
 QUEUES = (WARM_QUEUE, PRELABEL_QUEUE, TRAIN_QUEUE)
 ALIVE_TTL = 20  # seconds without a heartbeat after which a started job counts as abandoned
+RECORD_TTL = 24 * 3600  # how long a finished job's record stays: `--wait` tells "done" from "gone" with it
 _BEAT_EVERY = 5
+
+
+def store_risks(connection: redis.Redis, shares_cache: bool) -> list[str]:
+    """What could make this Redis lose queued jobs or job records (empty: nothing known)."""
+    try:
+        config = connection.config_get("maxmemory*")
+        policy, limit = config.get("maxmemory-policy", ""), int(config.get("maxmemory") or 0)
+    except redis.ResponseError:  # managed Redis services may refuse CONFIG: nothing to tell
+        return []
+    except redis.RedisError as exc:
+        return [f"cannot check the job store's Redis: {exc}"]
+    if policy.startswith("allkeys"):
+        return [f"the job store's Redis has maxmemory-policy {policy}: queued jobs and job records can be evicted "
+                "when memory fills up; use noeviction there and put the embeddings in CACHE_REDIS_URL "
+                "(a second Redis with allkeys-lru)"]
+    if policy.startswith("volatile") and not shares_cache:
+        return []
+    if policy.startswith("volatile"):
+        return [f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
+                "cache keys carry a TTL and are evicted first, but job records with a TTL (failed jobs) and "
+                "heartbeats can be evicted too; a second Redis for the cache is safer"]
+    if shares_cache and limit:
+        return [f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
+                "when it fills up, cache writes and job enqueues fail; give the cache its own Redis"]
+    return []
 
 
 def queue(connection: redis.Redis, name: str = WARM_QUEUE) -> Queue:
@@ -68,9 +96,8 @@ def _alive_key(job_id: str) -> str:
 
 
 def fetch_job(connection: redis.Redis, job_id: str) -> Job | None:
-    """A snapshot of the job (one HGETALL), or None once it is gone: finished jobs are deleted at
-    once (result_ttl=0), so gone means finished. Read its status with get_status(refresh=False):
-    a refresh is a second read, and the job can finish and vanish between the two."""
+    """A snapshot of the job (one HGETALL), or None when no record of it exists. Read its status with
+    get_status(refresh=False): a refresh is a second read, and the record can change between the two."""
     try:
         return Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
     except NoSuchJobError:
@@ -90,30 +117,62 @@ def abandoned(connection: redis.Redis, job: Job) -> bool:
 
 
 def enqueue_unique(connection: redis.Redis, queue_name: str, func: str, args: tuple, job_id: str,
-                   description: str, timeout: int = 1800) -> str:
+                   description: str, timeout: int = 1800, retries: int = 0) -> str:
     """Queue a job unless the same one is queued or running. Returns "queued", "requeued" or "waiting".
 
-    A failed, stopped or abandoned job with that id is replaced: that is how a job lost to a dead
-    worker is retried.
+    A finished, failed, stopped or abandoned job with that id is replaced: that is how a request
+    runs a job again, and how a job lost to a dead worker is retried (`retries` counts those).
     """
     q = queue(connection, queue_name)
     for attempt in range(2):
         try:
             q.enqueue_call(func, args=args, job_id=job_id, unique=True, timeout=timeout,
-                           result_ttl=0,  # done: forget it; the result lives in the cache or in Label Studio
-                           failure_ttl=24 * 3600, description=description)
+                           # a short record of each finished job: followers tell "done" from "gone"
+                           result_ttl=RECORD_TTL, failure_ttl=24 * 3600, description=description,
+                           meta={"retries": retries})
             return "queued" if attempt == 0 else "requeued"
         except DuplicateJobError:
             job = fetch_job(connection, job_id)
             if job is None:
-                continue  # finished between the two calls
+                continue  # its record expired between the two calls
             status = job.get_status(refresh=False)
-            if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED) or abandoned(connection, job):
+            if status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED) \
+                    or abandoned(connection, job):
                 log.info("replacing %s job %s", status, job_id)
                 job.delete()
                 continue
             return "waiting"
     return "waiting"
+
+
+def requeue_abandoned(connection: redis.Redis, queue_names: list[str], max_retries: int) -> dict[str, str]:
+    """Started jobs whose worker died (no heartbeat): queued again, at most `max_retries` times, then
+    failed with the reason. Run by every worker now and then, so nobody has to re-run a command.
+    Returns {job id: "requeued" | "failed"}."""
+    done: dict[str, str] = {}
+    for name in queue_names:
+        registry = queue(connection, name).started_job_registry
+        for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
+            job = fetch_job(connection, job_id)
+            if job is None or not abandoned(connection, job):
+                continue
+            retries = int(job.get_meta(refresh=False).get("retries", 0))
+            connection.zrem(registry.key, f"{job_id}:{execution_id}")  # the dead worker's execution
+            if retries >= max_retries:
+                message = f"its worker died {retries + 1} times while running it (JOB_MAX_RETRIES={max_retries})"
+                job.meta["failure"] = message
+                job.save_meta()
+                job.set_status(JobStatus.FAILED)
+                queue(connection, name).failed_job_registry.add(job, ttl=24 * 3600, exc_string=message)
+                log.error("job %s failed: %s", job_id, message)
+                done[job_id] = "failed"
+                continue
+            enqueue_unique(connection, name, job.func_name, tuple(job.args), job_id, job.description or job_id,
+                           job.timeout or 1800, retries=retries + 1)
+            log.warning("job %s: its worker died mid-job; queued again (retry %d of %d)", job_id, retries + 1,
+                        max_retries)
+            done[job_id] = "requeued"
+    return done
 
 
 def enqueue_warm(connection: redis.Redis, model_id: str, urls: list[str]) -> int:
@@ -267,7 +326,7 @@ def new_annotations_reset(connection: redis.Redis, project_id: int) -> None:
 
 
 def count_done(connection: redis.Redis | None, queue_name: str) -> None:
-    """Finished jobs are deleted at once (result_ttl=0): keep a count for /metrics and progress."""
+    """Finished job records expire (RECORD_TTL): keep a count for /metrics and progress."""
     if connection is not None:
         connection.incr(f"sam-backend:done:{queue_name}")
 

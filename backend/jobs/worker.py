@@ -8,16 +8,21 @@ job class this worker dequeues with, so a job body (backend.jobs.tasks) gets the
 from __future__ import annotations
 
 import logging
+import threading
 
 import redis
 from rq import SimpleWorker
 from rq.job import Job
+from rq.worker.base import StopRequested
 from rq.serializers import JSONSerializer
 
+from backend.jobs import queues
 from backend.jobs.queues import queue
 from backend.services import Services
 
 log = logging.getLogger(__name__)
+
+_SWEEP_LOCK = "sam-backend:sweep"
 
 
 def _job_class(services: Services) -> type[Job]:
@@ -37,6 +42,8 @@ class ServicesWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(self, *args, **kwargs):
         try:
             return super().dequeue_job_and_maintain_ttl(*args, **kwargs)
+        except StopRequested:  # SIGTERM: a clean stop
+            raise
         except Exception as exc:
             self.crashed = exc
             raise
@@ -44,6 +51,8 @@ class ServicesWorker(SimpleWorker):
     def execute_job(self, job, queue):
         try:
             return super().execute_job(job, queue)
+        except StopRequested:
+            raise
         except Exception as exc:
             self.crashed = exc
             raise
@@ -59,13 +68,31 @@ def build_worker(services: Services, queue_names: list[str]) -> ServicesWorker:
                           serializer=JSONSerializer, job_class=_job_class(services))
 
 
+def sweep_forever(services: Services, queue_names: list[str], stop: threading.Event,
+                  every: float = queues.ALIVE_TTL / 2) -> None:
+    """Queue again the jobs of workers that died (any worker, any machine), so that no job waits for
+    someone to re-run a command. One sweep per interval across all workers (a short Redis lock)."""
+    while not stop.wait(every):
+        try:
+            if services.redis.set(_SWEEP_LOCK, 1, nx=True, ex=max(int(every), 1)):
+                queues.requeue_abandoned(services.redis, queue_names, services.settings.job_max_retries)
+        except redis.RedisError as exc:
+            log.warning("sweeping for jobs of dead workers failed: %s", exc)
+
+
 def run_worker(services: Services, queue_names: list[str], burst: bool = False) -> int:
     """Work the queues, first named first. The exit code: 0 when it stopped as asked (SIGTERM, or
     the queues ran empty with `burst`), 1 when RQ's loop quit on an error."""
     worker = build_worker(services, queue_names)
     services.loader.get()  # load SAM before taking the first job
     log.info("worker %s listening on %s", worker.name, ", ".join(queue_names))
-    worker.work(burst=burst, logging_level=services.settings.log_level)
+    stop = threading.Event()
+    sweeper = threading.Thread(target=sweep_forever, args=(services, queue_names, stop), name="sweep", daemon=True)
+    sweeper.start()
+    try:
+        worker.work(burst=burst, logging_level=services.settings.log_level)
+    finally:
+        stop.set()
     if worker.crashed is not None or not (burst or worker._stop_requested):
         log.error("worker %s quit on an error: %r", worker.name, worker.crashed)
         return 1

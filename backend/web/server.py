@@ -14,7 +14,7 @@ import sys
 
 from gunicorn.app.base import BaseApplication
 
-from backend.web.embedded_redis import EmbeddedRedis
+from backend.web.embedded_redis import start_embedded
 from backend.settings import Settings
 from model.checkpoints import CheckpointError, resolve_checkpoint
 
@@ -65,11 +65,10 @@ def serve(settings: Settings) -> int:
     os.environ["HOST"], os.environ["PORT"] = settings.host, str(settings.port)
     os.environ["MODEL_DIR"] = str(settings.model_dir)
 
-    embedded = None
+    embedded: tuple = ()
     if not settings.redis_url:
-        embedded = EmbeddedRedis(settings.model_dir / "redis", settings.embedded_redis_maxmemory)
-        embedded.start()
-        os.environ["REDIS_URL"] = embedded.url
+        embedded = start_embedded(settings.model_dir / "redis", settings.embedded_redis_maxmemory)
+        os.environ["REDIS_URL"], os.environ["CACHE_REDIS_URL"] = embedded[0].url, embedded[1].url
     # encoders run in RQ workers, not in the processes answering clicks
     workers = [
         subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "worker"], env=os.environ.copy())
@@ -82,8 +81,8 @@ def serve(settings: Settings) -> int:
     finally:
         for worker in workers:
             stop_process(worker)
-        if embedded is not None:
-            embedded.stop()
+        for instance in embedded:
+            instance.stop()
     return 0
 
 
