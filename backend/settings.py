@@ -22,7 +22,8 @@ ENV_VARS = (
     "POLYGON_MIN_AREA", "PRELABEL_ON_PREDICT", "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
     "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE", "PREFETCH_TASKS",
     "HEADS_DIR", "HEAD_RELOAD_SECONDS", "TRAIN_AFTER_ANNOTATIONS", "TRAIN_STEPS", "TRAIN_MARGIN",
-    "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT", "JOB_MAX_RETRIES",
+    "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT", "JOB_MAX_RETRIES", "MAX_REQUEST_BYTES", "MAX_TASKS_PER_REQUEST",
+    "WEBHOOK_SECRET", "METRICS_AUTH",
 )
 
 
@@ -73,6 +74,10 @@ class Settings:
     train_min_corrections: int = 8
     train_timeout: int = 3600
     job_max_retries: int = 2  # a job whose worker died is queued again this many times, then fails
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_tasks_per_request: int = 1000  # jobs one webhook or batch /predict may queue
+    webhook_secret: str | None = None
+    metrics_auth: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -125,6 +130,8 @@ class Settings:
         user, password = text("BASIC_AUTH_USER", None), text("BASIC_AUTH_PASS", None)
         if (user is None) != (password is None):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if flag("METRICS_AUTH", d.metrics_auth) and user is None:
+            raise SettingsError("METRICS_AUTH=true protects /metrics with basic auth: set BASIC_AUTH_USER and BASIC_AUTH_PASS")
 
         return cls(
             sam_model_type=model_type,
@@ -168,6 +175,10 @@ class Settings:
             train_min_corrections=number("TRAIN_MIN_CORRECTIONS", d.train_min_corrections, minimum=2),
             train_timeout=number("TRAIN_TIMEOUT", d.train_timeout, minimum=60),
             job_max_retries=number("JOB_MAX_RETRIES", d.job_max_retries, minimum=0),
+            max_request_bytes=number("MAX_REQUEST_BYTES", d.max_request_bytes, minimum=1024),
+            max_tasks_per_request=number("MAX_TASKS_PER_REQUEST", d.max_tasks_per_request, minimum=1),
+            webhook_secret=text("WEBHOOK_SECRET", None),
+            metrics_auth=flag("METRICS_AUTH", d.metrics_auth),
         )
 
     @property

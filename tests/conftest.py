@@ -159,6 +159,7 @@ class ImageServer:
         self.delays: dict[str, float] = {}  # path -> seconds to wait before answering (a slow host)
         self.redirects: dict[str, tuple[int, str]] = {}  # path -> (status, Location)
         self.trickle: dict[str, float] = {}  # path -> seconds between single bytes of the body
+        self.default: bytes | None = None  # served for any unknown path when set
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -198,7 +199,7 @@ class ImageServer:
                 deadline = time.monotonic() + delay
                 while time.monotonic() < deadline and server.delays.get(self.path):
                     time.sleep(0.1)
-                body = server.files.get(self.path)
+                body = server.files.get(self.path, server.default)
                 if body is None:
                     self.send_response(404)
                     self.end_headers()

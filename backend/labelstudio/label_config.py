@@ -48,9 +48,22 @@ class ProjectConfig:
         return self.outputs[0].labels[0]
 
 
-@functools.lru_cache(maxsize=64)
+MAX_LABEL_CONFIG_CHARS = 256_000  # real configs are a few KB; the cache below holds at most 32 of these
+
+
 def parse_label_config(config: str) -> ProjectConfig:
-    """Parse and check a label config; UnservableConfig names what is missing. Cached: every /predict carries it."""
+    """Parse and check a label config; UnservableConfig names what is missing."""
+    if not isinstance(config, str):
+        raise UnservableConfig("the project's label config is not text")
+    if len(config) > MAX_LABEL_CONFIG_CHARS:
+        raise UnservableConfig(f"the label config has {len(config)} characters; at most {MAX_LABEL_CONFIG_CHARS} "
+                               "are accepted")
+    return _parse_label_config(config)
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_label_config(config: str) -> ProjectConfig:
+    """Cached: every /predict carries the config, and parsing it costs milliseconds."""
     if not config or not config.strip():
         raise UnservableConfig("the project has no label config")
     try:

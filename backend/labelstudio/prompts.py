@@ -11,6 +11,8 @@ from backend.labelstudio.label_config import PROMPT_TAGS, ProjectConfig
 from model.prompts import Prompt
 
 _EPS = 1e-6  # Label Studio rounds percentages; allow a hair past the border
+MAX_URL_CHARS = 16_384  # presigned cloud URLs are long, but not this long
+MAX_CLICK_REGIONS = 200  # an annotator's clicks on one object; 10,000 once cost 3 GB and a 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +26,9 @@ def task_image_url(task: dict, config: ProjectConfig) -> str:
     url = data.get(config.image_field) if isinstance(data, dict) else None
     if not isinstance(url, str) or not url.strip():
         raise InvalidRequest(f"task {task.get('id')} has no image URL in data.{config.image_field}")
+    if not url.isprintable() or len(url) > MAX_URL_CHARS:
+        raise InvalidRequest(f"task {task.get('id')}: data.{config.image_field} is not a usable URL "
+                             f"(unprintable characters, or longer than {MAX_URL_CHARS})")
     return url.strip()
 
 
@@ -44,6 +49,9 @@ def parse_click(regions: list, config: ProjectConfig) -> ClickPrompt:
     label = None
     if not regions:
         raise InvalidRequest("'params.context.result' is empty: nothing to segment")
+    if len(regions) > MAX_CLICK_REGIONS:
+        raise InvalidRequest(f"'params.context.result' has {len(regions)} smart regions; at most "
+                             f"{MAX_CLICK_REGIONS} are taken in one click")
     for i, region in enumerate(regions):
         where = f"context region {i}"
         if not isinstance(region, dict) or not isinstance(region.get("value"), dict):

@@ -273,8 +273,28 @@ class DecodedImage:
         return self.input_image.shape[:2]
 
 
+_FORMATS = "PNG, JPEG, WebP, TIFF, BMP or GIF"
+
+
+def _as_browser_shows(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey images as 8-bit the way browsers show them (the high byte): PIL's
+    convert("RGB") clips them, and a 16-bit PNG came out all white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.uint32)
+        shift = 8 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 0
+        return Image.fromarray((values >> shift).clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        top = float(values.max(initial=1.0)) or 1.0
+        return Image.fromarray((values.clip(0, None) / (top if top > 1.0 else 1.0) * 255).astype(np.uint8), "L")
+    return image
+
+
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     """Decode, apply EXIF orientation (browsers do, so Label Studio's percentages assume it), resize for SAM."""
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        raise UnsupportedInput("SVG images are not supported: export the image as PNG or JPEG")
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
@@ -287,9 +307,11 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         # JPEG can decode at 1/2, 1/4, 1/8 scale directly: a 20 MP photo then costs a fraction
         draft_size = (target_h, target_w) if orientation in (5, 6, 7, 8) else (target_w, target_h)
         image.draft("RGB", draft_size)
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = _as_browser_shows(ImageOps.exif_transpose(image)).convert("RGB")
         if image.size != (target_w, target_h):
             image = image.resize((target_w, target_h), Image.BILINEAR)
         return DecodedImage((height, width), np.asarray(image))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnsupportedInput(f"cannot decode the image: {exc}") from exc
+    except UnidentifiedImageError:
+        raise UnsupportedInput(f"cannot decode the image: not a {_FORMATS} file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnsupportedInput(f"cannot decode the image ({_FORMATS}): {exc}") from exc

@@ -18,6 +18,14 @@ from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# the actions Label Studio 1.23 sends to webhooks; anything else is counted and logged as "other"
+WEBHOOK_ACTIONS = frozenset((
+    "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
+    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "REVIEW_CREATED", "REVIEW_UPDATED",
+    "REVIEWS_DELETED", "START_TRAINING",
+))
+
 
 def batch_answer(services: Services, request: BatchRequest) -> list[dict]:
     """One entry per task, in task order (Label Studio drops the whole answer otherwise).
@@ -30,14 +38,21 @@ def batch_answer(services: Services, request: BatchRequest) -> list[dict]:
     settings, project_id = services.settings, request.project_id
     status = "no draft: PRELABEL_ON_PREDICT is off"
     if settings.prelabel_on_predict:
-        task_ids = [t["id"] for t in request.tasks if isinstance(t.get("id"), int)]
+        # a hint, not a mandate: one request queues at most MAX_TASKS_PER_REQUEST jobs
+        task_ids = list(dict.fromkeys(t["id"] for t in request.tasks if isinstance(t.get("id"), int)
+                                      and not isinstance(t.get("id"), bool)))
+        if len(task_ids) > settings.max_tasks_per_request:
+            log.warning("batch of %d tasks: queueing the first %d (MAX_TASKS_PER_REQUEST); "
+                        "`sam-backend prelabel --project ID` drafts a whole project", len(task_ids),
+                        settings.max_tasks_per_request)
+            task_ids = task_ids[:settings.max_tasks_per_request]
         if project_id is not None and task_ids:
             services.background.prelabel(project_id, task_ids)
             status = "draft queued"
             if len(task_ids) == 1 and settings.prefetch_tasks:  # an annotator opened this task
                 services.background.prefetch(project_id, task_ids[0], settings.prefetch_tasks)
         else:
-            services.background.warm_tasks(request.tasks, request.config)
+            services.background.warm_tasks(request.tasks[:settings.max_tasks_per_request], request.config)
             status = "no draft without a project id; image embedding queued"
     pending = {"model_version": services.predictor.model_version(project_id), "score": 0.0, "status": status}
     return [dict(pending) for _ in request.tasks]
@@ -51,6 +66,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         services.loader.preload()
 
     app = Flask("sam_backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies: 413
     app.json.sort_keys = False
     app.json.compact = True
     app.extensions["sam"] = services
@@ -69,10 +85,22 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             raise Unauthorized("basic auth required: set the same user and password in Label Studio's model settings")
 
     def json_body() -> dict:
-        body = request.get_json(silent=True)
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # the JSON decoder's own limit, reached by a hostile body
+            raise InvalidRequest("the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object (Content-Type: application/json)")
         return body
+
+    def require_webhook_secret() -> None:
+        """Project webhooks come without basic auth (Label Studio's design): with WEBHOOK_SECRET set,
+        they must carry it in a header (Label Studio: the webhook's "Headers")."""
+        secret = settings.webhook_secret
+        given = request.headers.get("X-Webhook-Secret", "")
+        if secret and not hmac.compare_digest(given.encode("utf-8", "replace"), secret.encode()):
+            raise Unauthorized("webhook secret missing or wrong: add the header X-Webhook-Secret to the "
+                               "project's webhook in Label Studio (Settings -> Webhooks)")
 
     @app.before_request
     def start_timer():
@@ -144,28 +172,37 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             raise InvalidRequest("webhook body has no 'action'")
         if action == "START_TRAINING":
             require_auth()  # sent by the ML connector with basic auth; project webhooks come without
-        services.metrics.webhooks.labels(action).inc()
+        else:
+            require_webhook_secret()
+        # a known action or "other": label values and log lines never carry what a caller made up
+        known = action if action in WEBHOOK_ACTIONS else "other"
+        services.metrics.webhooks.labels(known).inc()
         project = body.get("project") if isinstance(body.get("project"), dict) else {}
-        log.info("webhook %s for project %s", action, project.get("id"))
-        answer = {"status": "ok", "action": action}
-        project_id = project.get("id") if isinstance(project.get("id"), int) else None
+        project_id = project.get("id") if isinstance(project.get("id"), int) and not isinstance(
+            project.get("id"), bool) else None
+        log.info("webhook %s for project %s", known, project_id)
+        answer = {"status": "ok", "action": known}
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED") and project_id is not None:
             # count it; every TRAIN_AFTER_ANNOTATIONS a training run is queued (never trained inline: 1 s timeout)
             answer["training"] = services.background.train(project_id, "annotation")
         elif action == "START_TRAINING" and project_id is not None:
             answer["training"] = services.background.train(project_id, "start_training")
         if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list):
-            # newly imported images: embed them before an annotator opens them
+            # newly imported images: embed them before an annotator opens them (at most
+            # MAX_TASKS_PER_REQUEST from one request: the payload is a hint, not a mandate)
+            tasks = [t for t in body["tasks"] if isinstance(t, dict)][:settings.max_tasks_per_request]
             try:
                 config = parse_label_config(project.get("label_config") or "")
             except BackendError as exc:
                 log.info("not warming new tasks: %s", exc.message)
             else:
-                answer["queued"] = services.background.warm_tasks([t for t in body["tasks"] if isinstance(t, dict)], config)
+                answer["queued"] = services.background.warm_tasks(tasks, config)
         return jsonify(answer)
 
     @app.get("/metrics")
     def metrics():
+        if settings.metrics_auth:
+            require_auth()
         return Response(services.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     return app

@@ -1,0 +1,212 @@
+"""Hostile and malformed input through the real app (issue 11): every case a 4xx naming the problem,
+never a 500; webhooks are hints with a cap; /metrics stays bounded; plus property-based fuzzing."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from PIL import Image
+
+from backend.errors import UnsupportedInput
+from backend.jobs import queues as jobs
+from backend.pipeline.images import decode_image
+from tests.conftest import make_image, protocol_body
+
+KEYPOINT = "predict_interactive_keypointlabels.json"
+
+
+def body(name: str) -> dict:
+    return copy.deepcopy(protocol_body(name))
+
+
+def webhook(action: str, **extra) -> dict:
+    return {"action": action, "project": {"id": 1, "label_config": protocol_body(KEYPOINT)["label_config"]}, **extra}
+
+
+def test_deeply_nested_json_is_a_400_on_every_route(client):
+    c, _ = client
+    nested = "[" * 100_000 + "]" * 100_000
+    for route in ("/predict", "/setup", "/webhook"):
+        response = c.post(route, data=nested, content_type="application/json")
+        assert response.status_code == 400, route
+        assert "nested" in response.json["error"] or "JSON object" in response.json["error"]
+
+
+def test_a_body_over_the_limit_is_a_413(settings, make_client):
+    c, _ = make_client(settings.replace(max_request_bytes=4096))
+    response = c.post("/predict", data=b"{" + b" " * 10_000 + b"}", content_type="application/json")
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("project", ["\u00b2", "111111111111111111", "1.2.3", -1, None, True, [1], {"id": 1}])
+def test_odd_project_ids_never_break_setup_or_predict(client, project):
+    c, services = client
+    setup = protocol_body("setup.json") | {"project": project}
+    answer = c.post("/setup", json=setup)
+    assert answer.status_code == 200 and answer.json["model_version"] == services.loader.model_version
+    batch = body("predict_batch.json") | {"project": project}
+    assert c.post("/predict", json=batch).status_code == 200
+
+
+def test_too_many_clicks_in_one_request_is_a_400_naming_the_limit(client):
+    c, _ = client
+    raw = body(KEYPOINT)
+    region = raw["params"]["context"]["result"][0]
+    raw["params"]["context"]["result"] = [region] * 10_000
+    response = c.post("/predict", json=raw)
+    assert response.status_code == 400 and "at most 200" in response.json["error"]
+
+
+def test_a_huge_label_config_is_refused_not_cached(client):
+    c, _ = client
+    raw = body(KEYPOINT)
+    raw["label_config"] = raw["label_config"].replace("<View>", "<View>" + "<Text name='t' value='x'/>" * 20_000)
+    response = c.post("/predict", json=raw)
+    assert response.status_code == 422 and "at most" in response.json["error"]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/a\ud800.png", "http://h/a\r\nX: y", "x" * 20_000])
+def test_unusable_image_urls_are_a_400(client, url):
+    c, _ = client
+    raw = body(KEYPOINT)
+    raw["tasks"][0]["data"]["image"] = url
+    response = c.post("/predict", json=raw)
+    assert response.status_code == 400 and "URL" in response.json["error"]
+
+
+def test_a_webhook_whose_label_config_is_not_text_is_acknowledged(client):
+    c, _ = client
+    answer = c.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 1, "label_config": 5},
+                                      "tasks": [{"id": 1, "data": {"image": "/data/x.png"}}]})
+    assert answer.status_code == 200 and "queued" not in answer.json
+
+
+def test_one_forged_webhook_or_batch_queues_at_most_the_cap(settings, make_client):
+    c, _ = make_client(settings.replace(max_tasks_per_request=50))
+    store = redis.Redis.from_url(settings.redis_url)
+    tasks = [{"id": i, "data": {"image": f"/data/upload/{i}.png"}} for i in range(1, 10_001)]
+    answer = c.post("/webhook", json=webhook("TASKS_CREATED", tasks=tasks))
+    assert answer.status_code == 200 and answer.json["queued"] == 50
+    assert jobs.queue(store, jobs.WARM_QUEUE).count == 50
+    batch = body("predict_batch.json") | {"tasks": tasks}
+    response = c.post("/predict", json=batch)
+    assert response.status_code == 200 and len(response.json["results"]) == 10_000  # one entry per task
+    assert jobs.queue(store, jobs.PRELABEL_QUEUE).count == 50
+
+
+def test_metrics_stay_bounded_and_answer_after_hostile_webhooks(client, caplog):
+    c, _ = client
+    caplog.set_level(logging.INFO)
+    before = len(c.get("/metrics").data)
+    rng = np.random.default_rng(0)
+    for i in range(2000):
+        action = "".join(chr(int(x)) for x in rng.integers(65, 91, 12))
+        assert c.post("/webhook", json=webhook(action)).status_code == 200
+    assert c.post("/webhook", json=webhook("X\ud800\nFORGED 127.0.0.1 admin logged in")).status_code == 200
+    response = c.get("/metrics")
+    assert response.status_code == 200
+    # one "other" series and the webhook route's histogram; 2,001 series would be over 80 KB more
+    assert len(response.data) < before + 20_000
+    assert 'sam_webhooks_total{action="other"} 2001.0' in response.data.decode()
+    assert "FORGED" not in caplog.text  # a newline in an action cannot forge a log line
+
+
+def test_webhook_secret_and_metrics_auth(settings, make_client):
+    c, _ = make_client(settings.replace(webhook_secret="s3cret", metrics_auth=True, basic_auth_user="ls",
+                                        basic_auth_pass="pw"))
+    assert c.post("/webhook", json=webhook("ANNOTATION_CREATED")).status_code == 401
+    assert c.post("/webhook", json=webhook("ANNOTATION_CREATED"), headers={"X-Webhook-Secret": "nope"}).status_code == 401
+    assert c.post("/webhook", json=webhook("ANNOTATION_CREATED"), headers={"X-Webhook-Secret": "s3cret"}).status_code == 200
+    assert c.get("/metrics").status_code == 401
+    auth = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    assert c.get("/metrics", headers=auth).status_code == 200
+
+
+def test_a_16_bit_png_is_seen_as_a_browser_shows_it():
+    grey = np.full((30, 40), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    decoded = decode_image(buf.getvalue(), 10**8).input_image
+    assert abs(int(decoded.mean()) - 128) <= 1  # was 255: all white
+
+
+def test_svg_gets_a_message_that_says_svg():
+    svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'
+    with pytest.raises(UnsupportedInput, match="SVG images are not supported"):
+        decode_image(svg, 10**8)
+    with pytest.raises(UnsupportedInput, match="not a PNG, JPEG") as garbage:
+        decode_image(b"\x00garbage" * 10, 10**8)
+    assert "BytesIO" not in garbage.value.message
+
+
+# ---------------------------------------------------------------- property-based fuzzing
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def _mutations(base: dict):
+    """The recorded Label Studio body with one field replaced by anything."""
+    paths = []
+
+    def walk(node, path):
+        paths.append(path)
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, path + (key,))
+        elif isinstance(node, list):
+            for i, value in enumerate(node[:2]):
+                walk(value, path + (i,))
+
+    walk(base, ())
+
+    @st.composite
+    def mutated(draw):
+        out = copy.deepcopy(base)
+        path = draw(st.sampled_from(paths[1:]))
+        value = draw(_json)
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return out
+
+    return mutated()
+
+
+FUZZ = {}
+
+
+@pytest.mark.parametrize("route, name, cases", [
+    ("/predict", KEYPOINT, 600), ("/predict", "predict_batch.json", 400), ("/setup", "setup.json", 600),
+    ("/webhook", "webhook_annotation_created.json", 400), ("/webhook", None, 200),
+])
+def test_fuzzed_bodies_never_get_a_5xx(client, image_server, route, name, cases):
+    # every path of the image server answers with an image: a 5xx can only come from our side
+    image_server.default = make_image(48, 36)
+    c, _ = client
+    seen = []
+    strategy = _mutations(protocol_body(name)) if name else _json
+
+    @hsettings(max_examples=cases, deadline=None, database=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    @given(strategy)
+    def fuzz(raw):
+        response = c.post(route, data=json.dumps(raw), content_type="application/json")
+        seen.append(response.status_code)
+        assert response.status_code < 500, (raw, response.json)
+
+    fuzz()
+    FUZZ[(route, name)] = len(seen)
+    assert len(seen) >= cases * 0.9  # hypothesis ran (nearly) all the cases asked for
