@@ -12,6 +12,8 @@ from pathlib import Path
 import redis
 import requests
 
+from backend.settings import Settings
+
 from tests.conftest import TOKEN, free_port, make_image, protocol_body
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +47,8 @@ def test_serve_with_embedded_redis_answers_clicks_from_two_workers(tiny_checkpoi
     try:
         health = wait_for(base + "/health", proc).json()
         assert health["status"] == "UP" and health["model_version"].startswith("sam-custom32x2-")
-        socket_path = model_dir / "redis" / "redis.sock"
-        assert socket_path.exists()
+        socket_path = model_dir / "redis" / "embeddings.sock"  # the cache; jobs.sock is the job store
+        assert socket_path.exists() and (model_dir / "redis" / "jobs.sock").exists()
         store = redis.Redis(unix_socket_path=str(socket_path))
         # a batch predict (no project id here: an embedding job, not a pre-label one) queues the image;
         # the worker `serve` started embeds it
@@ -71,17 +73,25 @@ def test_serve_with_embedded_redis_answers_clicks_from_two_workers(tiny_checkpoi
             if line.startswith("sam_encoder_seconds_count")
         )
         assert encoded == 0  # whichever gunicorn worker answered /metrics never ran the encoder
+        # a client reusing its connection after 1-3 s idle, as Label Studio's does: the server keeps
+        # it open (with gunicorn's default 2 s keep-alive it was closed and the click was lost)
+        session = requests.Session()
+        for idle in (1.0, 2.5, 3.0):
+            assert session.post(base + "/predict", json=body, timeout=60).status_code == 200
+            time.sleep(idle)
+        assert session.post(base + "/predict", json=body, timeout=60).status_code == 200
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
-    # the embedded Redis went down with the server
+    # both embedded Redis servers went down with the server
     time.sleep(0.5)
-    try:
-        redis.Redis(unix_socket_path=str(socket_path), socket_connect_timeout=1).ping()
-        still_up = True
-    except redis.ConnectionError:
-        still_up = False
-    assert not still_up
+    for path in (socket_path, model_dir / "redis" / "jobs.sock"):
+        try:
+            redis.Redis(unix_socket_path=str(path), socket_connect_timeout=1).ping()
+            still_up = True
+        except redis.ConnectionError:
+            still_up = False
+        assert not still_up, path
 
 
 def test_serve_without_a_checkpoint_offline_says_where_to_put_it(tmp_path):
@@ -129,3 +139,11 @@ def test_bench_click_refuses_to_run_without_weights(tmp_path):
     result = subprocess.run([sys.executable, "-m", "backend.commands.cli", "bench", "click"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "--random-weights" in result.stderr
+
+
+def test_keep_alive_outlasts_label_studios_idle_reuse():
+    # Label Studio reuses a connection after 1-3 s idle and does not retry a POST: a server that
+    # closes idle connections sooner (gunicorn's default 2 s) loses clicks in that race
+    from backend.web.server import gunicorn_options
+
+    assert gunicorn_options(Settings())["keepalive"] >= 30

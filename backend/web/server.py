@@ -43,6 +43,9 @@ def gunicorn_options(settings: Settings) -> dict:
         "workers": settings.workers,
         "threads": settings.threads,
         "worker_class": "gthread",
+        # Label Studio reuses a connection after 1-3 s idle; gunicorn's default keep-alive (2 s) closed
+        # it under the client's feet and the click was lost (Label Studio does not retry a POST)
+        "keepalive": 75,
         # a cold click encodes the image: ~25 s for vit_b on a CPU, minutes for vit_h
         "timeout": 600,
         "graceful_timeout": 30,
