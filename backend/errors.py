@@ -63,6 +63,16 @@ class LabelStudioUnavailable(BackendError):
     status = 502
 
 
+class Busy(BackendError):
+    """The backend cannot start this work in time (encoders saturated): try again after a while."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ModelUnavailable(BackendError):
     """The SAM checkpoint is missing or broken; the message says where to put it."""
 

@@ -23,7 +23,7 @@ ENV_VARS = (
     "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE", "PREFETCH_TASKS",
     "HEADS_DIR", "HEAD_RELOAD_SECONDS", "TRAIN_AFTER_ANNOTATIONS", "TRAIN_STEPS", "TRAIN_MARGIN",
     "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT", "JOB_MAX_RETRIES", "MAX_REQUEST_BYTES", "MAX_TASKS_PER_REQUEST",
-    "WEBHOOK_SECRET", "METRICS_AUTH",
+    "WEBHOOK_SECRET", "METRICS_AUTH", "MAX_CONCURRENT_ENCODES", "ENCODE_WAIT",
 )
 
 
@@ -78,6 +78,8 @@ class Settings:
     max_tasks_per_request: int = 1000  # jobs one webhook or batch /predict may queue
     webhook_secret: str | None = None
     metrics_auth: bool = False
+    max_concurrent_encodes: int = 1  # per process: each takes GBs of memory and every core
+    encode_wait: float = 60.0  # seconds a click waits for an encode slot or another process's encode
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -179,6 +181,8 @@ class Settings:
             max_tasks_per_request=number("MAX_TASKS_PER_REQUEST", d.max_tasks_per_request, minimum=1),
             webhook_secret=text("WEBHOOK_SECRET", None),
             metrics_auth=flag("METRICS_AUTH", d.metrics_auth),
+            max_concurrent_encodes=number("MAX_CONCURRENT_ENCODES", d.max_concurrent_encodes, minimum=1),
+            encode_wait=number("ENCODE_WAIT", d.encode_wait, kind=float, minimum=0.0),
         )
 
     @property

@@ -15,12 +15,14 @@ import logging
 import struct
 import threading
 import time
+import uuid
 
 import cv2
 import numpy as np
 import redis
 import zstandard
 
+from backend.errors import Busy
 from backend.metrics import Metrics
 from backend.pipeline.images import ImageFetcher, decode_image
 from backend.pipeline.model_loader import ModelLoader
@@ -156,6 +158,17 @@ class EmbeddingCache:
     def _image_key(digest: str) -> str:
         return f"{_PREFIX}:img:{digest}"
 
+    def claim(self, key: str, ttl: float = 15.0) -> "EncodeClaim | None":
+        """Claim the encode of `key` for this process: None while another holder's claim is alive.
+        The claim is refreshed while held, so it lapses within `ttl` seconds of its holder dying.
+        Without Redis every caller gets a claim (nothing to share with)."""
+        token = uuid.uuid4().hex
+        name = f"{key}:encoding"
+        taken = self._redis("SET", lambda c: c.set(name, token, nx=True, px=int(ttl * 1000)))
+        if taken is None and self.client is not None and time.monotonic() >= self._down_until:
+            return None  # another process holds it
+        return EncodeClaim(self, name, token, ttl)
+
     def url_digest(self, url: str) -> str | None:
         """The content digest last seen for an image URL, so a warm click needs no download."""
         if not self.url_digest_ttl:
@@ -207,6 +220,28 @@ class EmbeddingCache:
             return None
 
 
+class EncodeClaim:
+    """A held claim on an encode (see EmbeddingCache.claim): refreshed by a thread until released."""
+
+    def __init__(self, cache: EmbeddingCache, name: str, token: str, ttl: float):
+        self.cache, self.name, self.token, self.ttl = cache, name, token, ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, name="encode-claim", daemon=True)
+        self._thread.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            self.cache._redis("PEXPIRE", lambda c: c.pexpire(self.name, int(self.ttl * 1000)))
+
+    def release(self) -> None:
+        self._stop.set()
+        # delete only our own claim (a lapsed one may have been taken over since)
+        self.cache._redis("EVAL", lambda c: c.eval(_RELEASE, 1, self.name, self.token))
+
+
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
 class Embedder:
     """Embedding for an image URL: from the cache, or downloaded and encoded once (per process, per image)."""
 
@@ -219,6 +254,7 @@ class Embedder:
         self._locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self._images: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._encode_slots = threading.BoundedSemaphore(settings.max_concurrent_encodes)
 
     def for_url(self, url: str, timings: Timings | None = None) -> Embedding:
         timings = timings or Timings()
@@ -244,23 +280,51 @@ class Embedder:
         if found is not None:
             return found
         with self._lock_for(key):  # two clicks on a new image must not encode it twice
+            embedding = self._shared_or_encoded(key, digest, data, timings)
+        with self._locks_guard:
+            self._locks.pop(key, None)
+        return embedding
+
+    def _shared_or_encoded(self, key: str, digest: str, data: bytes, timings: Timings) -> Embedding:
+        """An encode in flight anywhere (any process, any machine sharing the cache) is waited for, not
+        run twice; one whose encoder died (its claim stops being refreshed) is taken over."""
+        deadline = time.monotonic() + self.settings.encode_wait
+        while True:
             found = self.cache.get(key)
             if found is not None:
                 return found
-            model = self.loader.get()
-            start = time.perf_counter()
-            image = decode_image(data, self.settings.max_image_pixels)
-            timings.add("decode_image", time.perf_counter() - start)
-            start = time.perf_counter()
-            features = model.encode(image.input_image)
-            elapsed = time.perf_counter() - start
-            timings.add("encode", elapsed)
-            self.metrics.encoder.observe(elapsed)
-            embedding = Embedding.quantized(features, image.original_size, image.input_size)
-            self.cache.put(key, embedding)
-            self.cache.put_image(digest, image.input_image)
-        with self._locks_guard:
-            self._locks.pop(key, None)
+            claim = self.cache.claim(key)
+            if claim is not None:
+                break
+            if time.monotonic() > deadline:
+                raise Busy(f"this image is being embedded elsewhere and took longer than ENCODE_WAIT="
+                           f"{self.settings.encode_wait:g} s; try again shortly", retry_after=5)
+            time.sleep(0.2)
+        try:
+            # a bounded number of encodes per process: each takes GBs and every core for seconds
+            if not self._encode_slots.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                raise Busy(f"{self.settings.max_concurrent_encodes} image(s) are being embedded in this process "
+                           f"(MAX_CONCURRENT_ENCODES); try again shortly", retry_after=5)
+            try:
+                return self._encode(key, digest, data, timings)
+            finally:
+                self._encode_slots.release()
+        finally:
+            claim.release()
+
+    def _encode(self, key: str, digest: str, data: bytes, timings: Timings) -> Embedding:
+        model = self.loader.get()
+        start = time.perf_counter()
+        image = decode_image(data, self.settings.max_image_pixels)
+        timings.add("decode_image", time.perf_counter() - start)
+        start = time.perf_counter()
+        features = model.encode(image.input_image)
+        elapsed = time.perf_counter() - start
+        timings.add("encode", elapsed)
+        self.metrics.encoder.observe(elapsed)
+        embedding = Embedding.quantized(features, image.original_size, image.input_size)
+        self.cache.put(key, embedding)
+        self.cache.put_image(digest, image.input_image)
         return embedding
 
     def input_image(self, url: str) -> np.ndarray:

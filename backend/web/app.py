@@ -9,7 +9,7 @@ import time
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend.errors import BackendError, InvalidRequest, Unauthorized
+from backend.errors import BackendError, Busy, InvalidRequest, Unauthorized
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.protocol import BatchRequest, parse_predict, project_number
 from backend.pipeline.timings import Timings
@@ -118,6 +118,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         response = jsonify({"status": "error", "error": exc.message})
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Basic realm="sam-backend"'
+        if isinstance(exc, Busy):
+            response.headers["Retry-After"] = str(exc.retry_after)
         return response, exc.status
 
     @app.errorhandler(HTTPException)
