@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -147,3 +148,19 @@ def test_keep_alive_outlasts_label_studios_idle_reuse():
     from backend.web.server import gunicorn_options
 
     assert gunicorn_options(Settings())["keepalive"] >= 30
+
+
+def test_bench_load_prints_a_table_and_a_json_last_line(tiny_checkpoint):
+    # every fault at once, briefly: the answers are checked by the bench itself (size, label, same mask)
+    env = dict(os.environ, SAM_CHECKPOINT=str(tiny_checkpoint))
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.commands.cli", "bench", "load", "--annotators", "3", "--duration", "6",
+         "--sizes", "1MP", "--images", "1", "--baseline-clicks", "3", "--workers", "1", "--threads", "4",
+         "--slow-clients", "2", "--hung-image-host", "--kill-redis-at", "2", "--image-timeout", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert "warm p50 / p95 / p99 ms" in result.stdout and "failed clicks" in result.stdout
+    assert figures["clicks"] > 0 and figures["failed"] == 0 and figures["wrong"] == 0
+    assert figures["hung_host_refusals"] >= 1 and figures["faults"]["slow_clients"] == 2

@@ -117,6 +117,16 @@ def cmd_bench_prelabel(args) -> int:
     return 0
 
 
+def cmd_bench_load(args) -> int:
+    from backend.bench.load import print_load_table, run_load_bench
+
+    args.think_range = tuple(float(v) for v in args.think.split(","))
+    figures = run_load_bench(args)
+    print_load_table(figures)
+    print(json.dumps(figures, separators=(",", ":")))
+    return 0 if figures["failed"] == 0 and figures["wrong"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam-backend", description="Label Studio ML backend for Segment Anything")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--device", default="auto")
     pre.add_argument("--label-studio-venv", help="virtualenv holding label-studio (default ./.ls-venv)")
     pre.set_defaults(func=cmd_bench_prelabel)
+    load = bench_sub.add_parser("load", help="simulated annotators on the real stack, with optional faults")
+    load.add_argument("--random-weights", action="store_true",
+                      help="use a randomly initialised SAM of the real architecture (timing only)")
+    load.add_argument("--model-type", default="vit_b", choices=MODEL_TYPES)
+    load.add_argument("--annotators", type=int, default=16)
+    load.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    load.add_argument("--think", default="0.5,2.0", help="think time between clicks: min,max seconds")
+    load.add_argument("--sizes", default="1MP,20MP", help="comma list of 1MP, 20MP")
+    load.add_argument("--images", type=int, default=2, help="images per size (embedded before the load starts)")
+    load.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    load.add_argument("--threads", type=int, default=8, help="threads per worker")
+    load.add_argument("--device", default="auto")
+    load.add_argument("--baseline-clicks", type=int, default=20, help="single-user warm clicks before the load")
+    load.add_argument("--slow-clients", type=int, default=0, help="clients that never finish sending a body")
+    load.add_argument("--hung-image-host", action="store_true",
+                      help="also click a task whose image host accepts connections and never answers")
+    load.add_argument("--kill-redis-at", type=float, help="kill the cache Redis after this many seconds (back 5 s later)")
+    load.add_argument("--image-timeout", type=float, default=5.0, help="IMAGE_TIMEOUT for the backend under load")
+    load.set_defaults(func=cmd_bench_load)
     return parser
 
 

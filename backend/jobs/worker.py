@@ -93,7 +93,8 @@ def run_worker(services: Services, queue_names: list[str], burst: bool = False) 
         worker.work(burst=burst, logging_level=services.settings.log_level)
     finally:
         stop.set()
-    if worker.crashed is not None or not (burst or worker._stop_requested):
+    asked_to_stop = worker._stop_requested or worker._shutdown_requested_date is not None  # SIGTERM / SIGINT
+    if worker.crashed is not None or not (burst or asked_to_stop):
         log.error("worker %s quit on an error: %r", worker.name, worker.crashed)
         return 1
     return 0
