@@ -127,10 +127,8 @@ def cmd_bench_load(args) -> int:
     return 0 if figures["failed"] == 0 and figures["wrong"] == 0 else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sam-backend", description="Label Studio ML backend for Segment Anything")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_serving_commands(sub) -> None:
+    """serve, download, worker: running the backend."""
     serve = sub.add_parser("serve", help="start the backend under gunicorn (embedded Redis if REDIS_URL is unset)")
     serve.add_argument("--host", help="interface to bind (env HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (env PORT, default 9090)")
@@ -148,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     worker.set_defaults(func=cmd_worker)
 
+
+def _add_project_commands(sub) -> None:
+    """warm, prelabel, train, heads, export, connect: work on one Label Studio project."""
     warm = sub.add_parser("warm", help="queue the embedding of every task's image in a project")
     warm.add_argument("--project", type=int, required=True, help="Label Studio project id")
     warm.add_argument("--wait", action="store_true", help="show progress until every image is embedded")
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--title", default="SAM (sam-backend)")
     conn.set_defaults(func=cmd_connect)
 
+
+def _add_bench_commands(sub) -> None:
+    """bench click | learn | prelabel | load."""
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     click = bench_sub.add_parser("click", help="cold and warm click latency through the real HTTP stack")
@@ -241,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--kill-redis-at", type=float, help="kill the cache Redis after this many seconds (back 5 s later)")
     load.add_argument("--image-timeout", type=float, default=5.0, help="IMAGE_TIMEOUT for the backend under load")
     load.set_defaults(func=cmd_bench_load)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam-backend", description="Label Studio ML backend for Segment Anything")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serving_commands(sub)
+    _add_project_commands(sub)
+    _add_bench_commands(sub)
     return parser
 
 

@@ -58,59 +58,78 @@ def batch_answer(services: Services, request: BatchRequest) -> list[dict]:
     return [dict(pending) for _ in request.tasks]
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None, preload: bool = True) -> Flask:
-    settings = settings or (services.settings if services else Settings.from_env())
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    services = services or Services.build(settings)
-    if preload:
-        services.loader.preload()
+def require_auth(settings: Settings) -> None:
+    if not settings.basic_auth_enabled:
+        return
+    auth = request.authorization
+    ok = (
+        auth is not None
+        and auth.type == "basic"
+        and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+        and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
+    )
+    if not ok:
+        raise Unauthorized("basic auth required: set the same user and password in Label Studio's model settings")
 
-    app = Flask("sam_backend")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies: 413
-    app.json.sort_keys = False
-    app.json.compact = True
-    app.extensions["sam"] = services
 
-    def require_auth() -> None:
-        if not settings.basic_auth_enabled:
-            return
-        auth = request.authorization
-        ok = (
-            auth is not None
-            and auth.type == "basic"
-            and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
-            and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
-        )
-        if not ok:
-            raise Unauthorized("basic auth required: set the same user and password in Label Studio's model settings")
+def require_webhook_secret(settings: Settings) -> None:
+    """Project webhooks come without basic auth (Label Studio's design): with WEBHOOK_SECRET set,
+    they must carry it in a header (Label Studio: the webhook's "Headers")."""
+    secret = settings.webhook_secret
+    given = request.headers.get("X-Webhook-Secret", "")
+    if secret and not hmac.compare_digest(given.encode("utf-8", "replace"), secret.encode()):
+        raise Unauthorized("webhook secret missing or wrong: add the header X-Webhook-Secret to the "
+                           "project's webhook in Label Studio (Settings -> Webhooks)")
 
-    def json_body() -> dict:
+
+def json_body() -> dict:
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # the JSON decoder's own limit, reached by a hostile body
+        raise InvalidRequest("the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object (Content-Type: application/json)")
+    return body
+
+
+def webhook_answer(services: Services, body: dict) -> dict:
+    """Acknowledge a webhook at once (Label Studio waits 1 s); queue what it hints at, never more
+    than MAX_TASKS_PER_REQUEST jobs, and never train inline."""
+    action = body.get("action")
+    if not isinstance(action, str):
+        raise InvalidRequest("webhook body has no 'action'")
+    if action == "START_TRAINING":
+        require_auth(services.settings)  # sent by the ML connector with basic auth; project webhooks come without
+    else:
+        require_webhook_secret(services.settings)
+    # a known action or "other": label values and log lines never carry what a caller made up
+    known = action if action in WEBHOOK_ACTIONS else "other"
+    services.metrics.webhooks.labels(known).inc()
+    project = body.get("project") if isinstance(body.get("project"), dict) else {}
+    project_id = project.get("id") if isinstance(project.get("id"), int) and not isinstance(
+        project.get("id"), bool) else None
+    log.info("webhook %s for project %s", known, project_id)
+    answer = {"status": "ok", "action": known}
+    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED") and project_id is not None:
+        # count it; every TRAIN_AFTER_ANNOTATIONS a training run is queued
+        answer["training"] = services.background.train(project_id, "annotation")
+    elif action == "START_TRAINING" and project_id is not None:
+        answer["training"] = services.background.train(project_id, "start_training")
+    if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list):
+        # newly imported images: embed them before an annotator opens them
+        tasks = [t for t in body["tasks"] if isinstance(t, dict)][:services.settings.max_tasks_per_request]
         try:
-            body = request.get_json(silent=True)
-        except RecursionError:  # the JSON decoder's own limit, reached by a hostile body
-            raise InvalidRequest("the request body is nested too deeply") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("the request body must be a JSON object (Content-Type: application/json)")
-        return body
+            config = parse_label_config(project.get("label_config") or "")
+        except BackendError as exc:
+            log.info("not warming new tasks: %s", exc.message)
+        else:
+            answer["queued"] = services.background.warm_tasks(tasks, config)
+    return answer
 
-    def require_webhook_secret() -> None:
-        """Project webhooks come without basic auth (Label Studio's design): with WEBHOOK_SECRET set,
-        they must carry it in a header (Label Studio: the webhook's "Headers")."""
-        secret = settings.webhook_secret
-        given = request.headers.get("X-Webhook-Secret", "")
-        if secret and not hmac.compare_digest(given.encode("utf-8", "replace"), secret.encode()):
-            raise Unauthorized("webhook secret missing or wrong: add the header X-Webhook-Secret to the "
-                               "project's webhook in Label Studio (Settings -> Webhooks)")
 
-    @app.before_request
-    def start_timer():
-        g.start = time.perf_counter()
-
-    @app.after_request
-    def observe(response: Response):
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        services.metrics.requests.labels(route, str(response.status_code)).observe(time.perf_counter() - g.start)
-        return response
+def register_error_mapping(app: Flask) -> None:
+    """The one place errors become answers: typed errors with their status, HTTP errors as JSON,
+    anything else a 500 that names only the exception's class (details go to the log)."""
 
     @app.errorhandler(BackendError)
     def backend_error(exc: BackendError):
@@ -131,6 +150,31 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         log.exception("unexpected error on %s %s", request.method, request.path)
         return jsonify({"status": "error", "error": f"internal error: {exc.__class__.__name__}"}), 500
 
+
+def create_app(settings: Settings | None = None, services: Services | None = None, preload: bool = True) -> Flask:
+    settings = settings or (services.settings if services else Settings.from_env())
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    services = services or Services.build(settings)
+    if preload:
+        services.loader.preload()
+
+    app = Flask("sam_backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies: 413
+    app.json.sort_keys = False
+    app.json.compact = True
+    app.extensions["sam"] = services
+    register_error_mapping(app)
+
+    @app.before_request
+    def start_timer():
+        g.start = time.perf_counter()
+
+    @app.after_request
+    def observe(response: Response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        services.metrics.requests.labels(route, str(response.status_code)).observe(time.perf_counter() - g.start)
+        return response
+
     @app.get("/health")
     @app.get("/")
     def health():
@@ -140,19 +184,19 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.post("/setup")
     def setup():
-        require_auth()
+        require_auth(settings)
         body = json_body()
         hostname, token = body.get("hostname"), body.get("access_token")
         if isinstance(hostname, str) and isinstance(token, str):
             for name, value in (("hostname", hostname), ("access_token", token)):
-                if not value.isprintable() or not value.encode("utf-8", "replace").decode() == value:
+                if not value.isprintable():
                     raise InvalidRequest(f"/setup's {name} must be printable text")
             services.share_setup(hostname, token)
         return jsonify({"model_version": services.predictor.model_version(project_number(body.get("project")))})
 
     @app.post("/predict")
     def predict():
-        require_auth()
+        require_auth(settings)
         parsed = parse_predict(json_body())
         services.load_shared_setup()
         timings = Timings()
@@ -168,43 +212,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.post("/webhook")
     def webhook():
-        body = json_body()
-        action = body.get("action")
-        if not isinstance(action, str):
-            raise InvalidRequest("webhook body has no 'action'")
-        if action == "START_TRAINING":
-            require_auth()  # sent by the ML connector with basic auth; project webhooks come without
-        else:
-            require_webhook_secret()
-        # a known action or "other": label values and log lines never carry what a caller made up
-        known = action if action in WEBHOOK_ACTIONS else "other"
-        services.metrics.webhooks.labels(known).inc()
-        project = body.get("project") if isinstance(body.get("project"), dict) else {}
-        project_id = project.get("id") if isinstance(project.get("id"), int) and not isinstance(
-            project.get("id"), bool) else None
-        log.info("webhook %s for project %s", known, project_id)
-        answer = {"status": "ok", "action": known}
-        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED") and project_id is not None:
-            # count it; every TRAIN_AFTER_ANNOTATIONS a training run is queued (never trained inline: 1 s timeout)
-            answer["training"] = services.background.train(project_id, "annotation")
-        elif action == "START_TRAINING" and project_id is not None:
-            answer["training"] = services.background.train(project_id, "start_training")
-        if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list):
-            # newly imported images: embed them before an annotator opens them (at most
-            # MAX_TASKS_PER_REQUEST from one request: the payload is a hint, not a mandate)
-            tasks = [t for t in body["tasks"] if isinstance(t, dict)][:settings.max_tasks_per_request]
-            try:
-                config = parse_label_config(project.get("label_config") or "")
-            except BackendError as exc:
-                log.info("not warming new tasks: %s", exc.message)
-            else:
-                answer["queued"] = services.background.warm_tasks(tasks, config)
-        return jsonify(answer)
+        return jsonify(webhook_answer(services, json_body()))
 
     @app.get("/metrics")
     def metrics():
         if settings.metrics_auth:
-            require_auth()
+            require_auth(settings)
         return Response(services.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     return app
