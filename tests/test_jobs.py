@@ -113,11 +113,11 @@ def test_a_killed_workers_job_is_finished_by_another_worker_without_anyone_askin
                               cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + jobs.ALIVE_TTL + 90
-        while time.monotonic() < deadline and not conn.keys("sam-backend:emb:*"):
+        while time.monotonic() < deadline and jobs.fetch_job(conn, job_id).get_status(refresh=False) != JobStatus.FINISHED:
             time.sleep(0.5)
-        assert len(conn.keys("sam-backend:emb:*")) == 1  # nobody re-ran anything
-        job = jobs.fetch_job(conn, job_id)
+        job = jobs.fetch_job(conn, job_id)  # nobody re-ran anything
         assert job.get_status(refresh=False) == JobStatus.FINISHED and job.get_meta(refresh=False)["retries"] == 1
+        assert len(conn.keys("sam-backend:emb:*")) == 1
     finally:
         second.terminate()
         second.wait(timeout=60)

@@ -90,41 +90,37 @@ def cmd_connect(args) -> int:
     return connect(settings, args.project, url, args.title)
 
 
+def _bench(run, print_table, args, passed=lambda figures: True) -> int:
+    """Every bench: the readable table, then one JSON object with every figure as the last line."""
+    figures = run(args)
+    print_table(figures)
+    print(json.dumps(figures, separators=(",", ":")))
+    return 0 if passed(figures) else 1
+
+
 def cmd_bench_click(args) -> int:
     from backend.bench.click import print_click_table, run_click_bench
 
-    figures = run_click_bench(args)
-    print_click_table(figures)
-    print(json.dumps(figures, separators=(",", ":")))
-    return 0
+    return _bench(run_click_bench, print_click_table, args)
 
 
 def cmd_bench_learn(args) -> int:
     from backend.bench.learn import print_learn_table, run_learn_bench
 
-    figures = run_learn_bench(args)
-    print_learn_table(figures)
-    print(json.dumps(figures, separators=(",", ":")))
-    return 0 if figures["never_promoted_regression"] else 1
+    return _bench(run_learn_bench, print_learn_table, args, lambda f: f["never_promoted_regression"])
 
 
 def cmd_bench_prelabel(args) -> int:
     from backend.bench.prelabel import print_prelabel_table, run_prelabel_bench
 
-    figures = run_prelabel_bench(args)
-    print_prelabel_table(figures)
-    print(json.dumps(figures, separators=(",", ":")))
-    return 0
+    return _bench(run_prelabel_bench, print_prelabel_table, args)
 
 
 def cmd_bench_load(args) -> int:
     from backend.bench.load import print_load_table, run_load_bench
 
     args.think_range = tuple(float(v) for v in args.think.split(","))
-    figures = run_load_bench(args)
-    print_load_table(figures)
-    print(json.dumps(figures, separators=(",", ":")))
-    return 0 if figures["failed"] == 0 and figures["wrong"] == 0 else 1
+    return _bench(run_load_bench, print_load_table, args, lambda f: f["failed"] == 0 and f["wrong"] == 0)
 
 
 def _add_serving_commands(sub) -> None:
@@ -188,14 +184,18 @@ def _add_project_commands(sub) -> None:
     conn.set_defaults(func=cmd_connect)
 
 
+def _weights_options(parser) -> None:
+    parser.add_argument("--random-weights", action="store_true",
+                        help="use a randomly initialised SAM of the real architecture (timing only: masks are noise)")
+    parser.add_argument("--model-type", default="vit_b", choices=MODEL_TYPES)
+
+
 def _add_bench_commands(sub) -> None:
     """bench click | learn | prelabel | load."""
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     click = bench_sub.add_parser("click", help="cold and warm click latency through the real HTTP stack")
-    click.add_argument("--random-weights", action="store_true",
-                       help="use a randomly initialised SAM of the real architecture (timing only: masks are noise)")
-    click.add_argument("--model-type", default="vit_b", choices=MODEL_TYPES)
+    _weights_options(click)
     click.add_argument("--sizes", default="1MP,20MP", help="comma list of 1MP, 20MP")
     click.add_argument("--outputs", default="brush,polygon")
     click.add_argument("--cold", type=int, default=3, help="cold clicks per size (each encodes a new image)")
@@ -215,9 +215,7 @@ def _add_bench_commands(sub) -> None:
     learn.set_defaults(func=cmd_bench_learn)
 
     pre = bench_sub.add_parser("prelabel", help="images/minute of pre-labelling with 1 and 2 workers (real Label Studio)")
-    pre.add_argument("--random-weights", action="store_true",
-                     help="use a randomly initialised SAM of the real architecture (timing only)")
-    pre.add_argument("--model-type", default="vit_b", choices=MODEL_TYPES)
+    _weights_options(pre)
     pre.add_argument("--images", type=int, default=6)
     pre.add_argument("--width", type=int, default=1280)
     pre.add_argument("--height", type=int, default=800)
@@ -226,10 +224,9 @@ def _add_bench_commands(sub) -> None:
     pre.add_argument("--device", default="auto")
     pre.add_argument("--label-studio-venv", help="virtualenv holding label-studio (default ./.ls-venv)")
     pre.set_defaults(func=cmd_bench_prelabel)
+
     load = bench_sub.add_parser("load", help="simulated annotators on the real stack, with optional faults")
-    load.add_argument("--random-weights", action="store_true",
-                      help="use a randomly initialised SAM of the real architecture (timing only)")
-    load.add_argument("--model-type", default="vit_b", choices=MODEL_TYPES)
+    _weights_options(load)
     load.add_argument("--annotators", type=int, default=16)
     load.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     load.add_argument("--think", default="0.5,2.0", help="think time between clicks: min,max seconds")
