@@ -72,9 +72,10 @@ def sweep_forever(services: Services, queue_names: list[str], stop: threading.Ev
                   every: float = queues.ALIVE_TTL / 2) -> None:
     """Queue again the jobs of workers that died (any worker, any machine), so that no job waits for
     someone to re-run a command. One sweep per interval across all workers (a short Redis lock)."""
+    lock = f"{_SWEEP_LOCK}:{','.join(sorted(queue_names))}"  # per set of queues: each set gets swept
     while not stop.wait(every):
         try:
-            if services.redis.set(_SWEEP_LOCK, 1, nx=True, ex=max(int(every), 1)):
+            if services.redis.set(lock, 1, nx=True, ex=max(int(every), 1)):
                 queues.requeue_abandoned(services.redis, queue_names, services.settings.job_max_retries)
         except redis.RedisError as exc:
             log.warning("sweeping for jobs of dead workers failed: %s", exc)
