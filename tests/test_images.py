@@ -1,4 +1,4 @@
-"""backend/images.py: downloads from a real HTTP server (token, allowlist, limits) and decoding."""
+"""backend/pipeline/images.py: downloads from a real HTTP server (token, allowlist, limits) and decoding."""
 
 from __future__ import annotations
 
