@@ -3,7 +3,10 @@ a server trickling bytes. Real HTTP servers on 127.0.0.1 record what reached the
 
 from __future__ import annotations
 
+import http.server
 import logging
+import socket
+import threading
 import time
 
 import pytest
@@ -157,3 +160,99 @@ def test_setup_with_unprintable_values_is_a_clear_400(client, field, value):
     setup[field] = value
     response = c.post("/setup", json=setup)
     assert response.status_code == 400 and field in response.json["error"]
+
+
+# ---------------------------------------------------------------- more ways to hold a thread or leak a credential
+
+
+class TricklingHeaders:
+    """A host that answers with a status line, then one header byte every `pause` seconds: each read
+    is quick, the answer never completes. requests reads headers before any body check can run."""
+
+    def __init__(self, pause: float = 0.2, lasts: float = 60.0):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        self.pause, self.lasts = pause, lasts
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    end = time.monotonic() + self.lasts
+                    while time.monotonic() < end and not self.stopped.is_set():
+                        conn.sendall(b"a")
+                        time.sleep(self.pause)
+                    conn.sendall(b"\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass  # the client gave up: what the test wants
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_headers_trickled_slower_than_image_timeout_end_the_download(image_server):
+    slow = TricklingHeaders()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ImageUnavailable, match="IMAGE_TIMEOUT"):
+            fetcher(image_server, allowed_image_hosts=("127.0.0.1",), image_timeout=1.0).fetch(
+                f"http://127.0.0.1:{slow.port}/a.png")
+        assert time.monotonic() - start < 10  # generous: the bound is about one IMAGE_TIMEOUT
+    finally:
+        slow.stop()
+
+
+class CookieServer:
+    """An HTTP host that sets a cookie on every answer (as a Label Studio session might) and records
+    the Cookie and Authorization headers it receives."""
+
+    def __init__(self):
+        self.seen: list[tuple[str | None, str | None]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.seen.append((self.headers.get("Cookie"), self.headers.get("Authorization")))
+                self.send_response(200)
+                self.send_header("Set-Cookie", "sessionid=ls-session-secret; Path=/")
+                self.send_header("Content-Length", str(len(PNG)))
+                self.end_headers()
+                self.wfile.write(PNG)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_cookies_from_label_studio_never_reach_another_origin():
+    # cookies ignore ports: one Label Studio set on 127.0.0.1:A went to 127.0.0.1:B with the next download
+    ls, other = CookieServer(), CookieServer()
+    try:
+        images = fetcher(ls, allowed_image_hosts=("127.0.0.1",))
+        assert images.fetch("/data/a.png") == PNG
+        assert images.fetch(f"{other.url}/b.png") == PNG
+        assert images.fetch("/data/a.png") == PNG
+        assert other.seen == [(None, None)]  # neither Label Studio's cookie nor its token
+        assert all(cookie is None for cookie, _ in ls.seen)  # nor do cookies come back to Label Studio
+    finally:
+        ls.stop()
+        other.stop()

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import http.cookiejar
 import io
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
 from urllib3 import exceptions as urllib3_errors
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -146,10 +152,111 @@ class LabelStudioAuth:
         return access, _jwt_expiry(access)
 
 
+# ---------------------------------------------------------------- the whole-download deadline
+# requests' timeouts bound each socket read, not a download: a host sending one header or body byte
+# a second holds a thread for as long as it likes. So each download registers the connections it
+# uses, and a timer shuts their sockets down when IMAGE_TIMEOUT is up; the blocked read then fails.
+
+_watched = threading.local()  # .conns: the connections of the download running on this thread
+
+
+class _Watched:
+    """Registers itself with the current thread's download when it connects or sends a request
+    (a pooled connection is reused without connecting again)."""
+
+    def connect(self):
+        _watch(self)
+        super().connect()
+
+    def request(self, *args, **kwargs):
+        _watch(self)
+        return super().request(*args, **kwargs)
+
+
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+def _watch(conn) -> None:
+    conns = getattr(_watched, "conns", None)
+    if conns is not None:
+        conns.append(conn)
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter with connections a deadline can cut (also through an HTTP proxy)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if manager.pool_classes_by_scheme is urllib3.poolmanager.pool_classes_by_scheme:  # not SOCKS
+            manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
+
+
+@contextlib.contextmanager
+def _cut_at(deadline: float):
+    """Within this block, the connections this thread uses are shut down at `deadline`. Yields an
+    Event set when that happened: a cut can look like a complete answer (headers end at EOF, a
+    body without Content-Length too), so the caller must not trust what it read then."""
+    conns: list = []
+    fired = threading.Event()
+
+    def cut() -> None:
+        fired.set()
+        for conn in list(conns):
+            sock = conn.sock
+            if sock is not None:
+                try:  # the plain socket's shutdown, also under TLS: the reading thread owns the TLS state
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    _watched.conns = conns
+    timer = threading.Timer(max(deadline - time.monotonic(), 0.0), cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+        _watched.conns = None
+
+
+def download_session() -> requests.Session:
+    """The HTTP session for image downloads: connections a deadline can cut, and no cookie jar (a
+    cookie ignores ports, so one Label Studio set would go to every other port on its host, and one
+    an image host set would come back to Label Studio)."""
+    session = requests.Session()
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    adapter = _DeadlineAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 class ImageFetcher:
     def __init__(self, settings: Settings, session: requests.Session | None = None):
         self.settings = settings
-        self._session = session or requests.Session()
+        self._session = session or download_session()
         self._configured = LabelStudioAuth(
             settings.label_studio_url, settings.label_studio_api_key, self._session, settings.image_timeout
         )
@@ -205,8 +312,20 @@ class ImageFetcher:
         """The image's bytes. IMAGE_TIMEOUT bounds the whole download, redirects included; every
         redirect hop is checked against the allowlist like the first URL, and Label Studio's
         credentials go only to hops on Label Studio's own origin."""
-        shown = display_url(url)
         deadline = time.monotonic() + self.settings.image_timeout
+        with _cut_at(deadline) as cut:
+            try:
+                data = self._fetch(url, deadline)
+            except ImageUnavailable:
+                if cut.is_set():
+                    self._raise_late(url)
+                raise
+            if cut.is_set():
+                self._raise_late(url)
+            return data
+
+    def _fetch(self, url: str, deadline: float) -> bytes:
+        shown = display_url(url)
         for _ in range(_MAX_REDIRECTS + 1):
             absolute, auth = self.resolve(url)
             response = self._get(absolute, auth, False, deadline)
@@ -249,17 +368,29 @@ class ImageFetcher:
                     raise ImageUnavailable(
                         f"downloading {shown} took longer than IMAGE_TIMEOUT={self.settings.image_timeout} s")
         except (requests.RequestException, urllib3_errors.HTTPError, OSError) as exc:
+            self._raise_if_late(shown, deadline)
             raise ImageUnavailable(f"downloading {shown} was interrupted: {exc.__class__.__name__}") from exc
         return b"".join(chunks)
+
+    def _raise_late(self, url: str):
+        raise ImageUnavailable(f"downloading {display_url(url)} took longer than "
+                               f"IMAGE_TIMEOUT={self.settings.image_timeout} s")
+
+    def _raise_if_late(self, shown: str, deadline: float) -> None:
+        """A read that failed at the deadline was cut by it: say so, not "connection reset"."""
+        if time.monotonic() >= deadline:
+            raise ImageUnavailable(f"downloading {shown} took longer than IMAGE_TIMEOUT={self.settings.image_timeout} s")
 
     def _get(self, url: str, auth: LabelStudioAuth | None, force_refresh: bool, deadline: float) -> requests.Response:
         headers = auth.header(force_refresh) if auth is not None else {}
         remaining = max(deadline - time.monotonic(), 0.001)
         try:
             return self._session.get(url, headers=headers, stream=True, timeout=remaining, allow_redirects=False)
-        except requests.Timeout as exc:
-            raise ImageUnavailable(f"downloading {display_url(url)} timed out after {self.settings.image_timeout} s") from exc
         except requests.RequestException as exc:
+            self._raise_if_late(display_url(url), deadline)
+            if isinstance(exc, requests.Timeout):
+                raise ImageUnavailable(f"downloading {display_url(url)} took longer than "
+                                       f"IMAGE_TIMEOUT={self.settings.image_timeout} s") from exc
             raise ImageUnavailable(f"cannot download {display_url(url)}: {exc.__class__.__name__}") from exc
 
 
