@@ -2,12 +2,33 @@
 backend/commands/cli.py to exit codes, each in one place."""
 
 
+MAX_MESSAGE_CHARS = 4000
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Text fit for one log line: control characters and lone surrogates escaped (a newline in a
+    request value cannot forge a log line, nor a surrogate break the log handler), and a huge value
+    cut in the middle (both ends usually say the most)."""
+    def cut(value: str) -> str:
+        if len(value) <= limit:
+            return value
+        head = limit * 3 // 5
+        return f"{value[:head]} ... [{len(value) - limit} characters] ... {value[len(value) - (limit - head):]}"
+
+    text = cut(text)
+    if not text.isprintable():
+        text = cut("".join(c if c.isprintable() else repr(c)[1:-1] for c in text))
+    return text
+
+
 class BackendError(Exception):
-    """Base class: a problem with a message that is safe to show to the caller."""
+    """Base class: a problem with a message that is safe to show to the caller and to log (messages
+    quote request values, so they are made one line, of bounded length)."""
 
     status = 500
 
     def __init__(self, message: str):
+        message = one_line(message)
         super().__init__(message)
         self.message = message
 

@@ -43,7 +43,51 @@ def test_deeply_nested_json_is_a_400_on_every_route(client):
 def test_a_body_over_the_limit_is_a_413(settings, make_client):
     c, _ = make_client(settings.replace(max_request_bytes=4096))
     response = c.post("/predict", data=b"{" + b" " * 10_000 + b"}", content_type="application/json")
-    assert response.status_code == 413
+    assert response.status_code == 413 and "MAX_REQUEST_BYTES=4096" in response.json["error"]
+
+
+def nested(depth: int):
+    value = 50
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [150, 900])
+def test_json_nested_past_the_limit_is_a_400_wherever_it_sits(client, depth):
+    # shallower than the JSON decoder's own limit: it parses, then a repr() in an error message
+    # or a serialiser further on recursed past Python's limit (500)
+    c, _ = client
+    raw = body(KEYPOINT)
+    raw["params"]["context"]["result"][0]["value"]["x"] = nested(depth)
+    response = c.post("/predict", data=json.dumps(raw), content_type="application/json")
+    assert response.status_code == 400 and "nested" in response.json["error"]
+    hook = webhook("TASKS_CREATED", tasks=[{"id": 1, "data": {"image": "/data/1.png", "deep": nested(depth)}}])
+    response = c.post("/webhook", data=json.dumps(hook), content_type="application/json")
+    assert response.status_code == 400 and "nested" in response.json["error"]
+
+
+def test_real_label_studio_bodies_are_within_the_nesting_limit(client):
+    c, _ = client
+    assert c.post("/predict", json=body("predict_batch.json")).status_code == 200
+    assert c.post("/webhook", json=body("webhook_annotation_created.json")).status_code == 200
+
+
+def test_request_values_cannot_forge_log_lines_or_flood_the_log(client, caplog):
+    c, _ = client
+    caplog.set_level(logging.INFO)
+    raw = body(KEYPOINT)
+    raw["tasks"][0]["id"] = "7\n2026-01-01 00:00:00 INFO backend: FORGED admin logged in"
+    raw["tasks"][0]["data"] = {}
+    response = c.post("/predict", json=raw)
+    assert response.status_code == 400
+    raw = body(KEYPOINT)
+    raw["params"]["context"]["result"][0]["value"]["x"] = "\ud800" + "y" * 1_000_000
+    assert c.post("/predict", json=raw).status_code == 400
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged and not any("\n" in line or "\r" in line for line in logged)
+    assert "FORGED" in caplog.text  # the value is there, escaped, on its own line
+    assert max(len(line) for line in logged) < 10_000  # a megabyte value is not a megabyte log line
 
 
 @pytest.mark.parametrize("project", ["\u00b2", "111111111111111111", "1.2.3", -1, None, True, [1], {"id": 1}])

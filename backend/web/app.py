@@ -7,7 +7,7 @@ import logging
 import time
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.errors import BackendError, Busy, InvalidRequest, Unauthorized
 from backend.labelstudio.label_config import parse_label_config
@@ -52,7 +52,8 @@ def batch_answer(services: Services, request: BatchRequest) -> list[dict]:
             if len(task_ids) == 1 and settings.prefetch_tasks:  # an annotator opened this task
                 services.background.prefetch(project_id, task_ids[0], settings.prefetch_tasks)
         else:
-            services.background.warm_tasks(request.tasks[:settings.max_tasks_per_request], request.config)
+            services.background.warm_tasks(tasks_to_warm(request.tasks, settings.max_tasks_per_request),
+                                           request.config)
             status = "no draft without a project id; image embedding queued"
     pending = {"model_version": services.predictor.model_version(project_id), "score": 0.0, "status": status}
     return [dict(pending) for _ in request.tasks]
@@ -82,14 +83,52 @@ def require_webhook_secret(settings: Settings) -> None:
                            "project's webhook in Label Studio (Settings -> Webhooks)")
 
 
+# Label Studio's bodies nest about 8 levels deep (task data a few more); deeper ones are refused
+# before anything walks them: a repr() in an error message or a serialiser recursing past
+# Python's limit was a 500
+MAX_JSON_DEPTH = 100
+
+
+def json_depth_over(value, limit: int) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit` (iterative: it must not recurse itself)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
+    return False
+
+
 def json_body() -> dict:
     try:
         body = request.get_json(silent=True)
     except RecursionError:  # the JSON decoder's own limit, reached by a hostile body
-        raise InvalidRequest("the request body is nested too deeply") from None
+        body = None
+        nested = True
+    else:
+        nested = json_depth_over(body, MAX_JSON_DEPTH)
+    if nested:
+        raise InvalidRequest(f"the request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object (Content-Type: application/json)")
     return body
+
+
+def tasks_to_warm(tasks: list, cap: int) -> list[dict]:
+    """Payloads are hints: task objects with an integer id, each once, at most `cap` of them."""
+    unique = {}
+    for task in tasks:
+        task_id = task.get("id") if isinstance(task, dict) else None
+        if isinstance(task_id, int) and not isinstance(task_id, bool) and task_id not in unique:
+            unique[task_id] = task
+            if len(unique) == cap:
+                break
+    return list(unique.values())
 
 
 def webhook_answer(services: Services, body: dict) -> dict:
@@ -117,7 +156,7 @@ def webhook_answer(services: Services, body: dict) -> dict:
         answer["training"] = services.background.train(project_id, "start_training")
     if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list):
         # newly imported images: embed them before an annotator opens them
-        tasks = [t for t in body["tasks"] if isinstance(t, dict)][:services.settings.max_tasks_per_request]
+        tasks = tasks_to_warm(body["tasks"], services.settings.max_tasks_per_request)
         try:
             config = parse_label_config(project.get("label_config") or "")
         except BackendError as exc:
@@ -143,7 +182,10 @@ def register_error_mapping(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        return jsonify({"status": "error", "error": exc.description}), exc.code
+        message = exc.description
+        if isinstance(exc, RequestEntityTooLarge):
+            message = f"the request body is larger than MAX_REQUEST_BYTES={app.config['MAX_CONTENT_LENGTH']}"
+        return jsonify({"status": "error", "error": message}), exc.code
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
