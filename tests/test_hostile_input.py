@@ -182,10 +182,36 @@ def test_a_16_bit_png_is_seen_as_a_browser_shows_it():
     assert abs(int(decoded.mean()) - 128) <= 1  # was 255: all white
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_seen_as_on_a_white_page(mode):
+    # a cut-out object on a transparent background: browsers show the page (white) through it,
+    # PIL's convert("RGB") showed the hidden colour (here black) instead
+    pixels = np.zeros((30, 40, 4), dtype=np.uint8)
+    pixels[10:20, 10:30] = (200, 30, 30, 255)  # the opaque object; the rest is transparent black
+    image = Image.fromarray(pixels, "RGBA")
+    if mode == "LA":
+        image = image.convert("LA")
+    elif mode == "P":
+        image = image.quantize(colors=8)
+        image.info["transparency"] = image.getpixel((0, 0))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **({"transparency": image.info["transparency"]} if mode == "P" else {}))
+    reopened = Image.open(io.BytesIO(buf.getvalue()))
+    assert reopened.mode == mode or "transparency" in reopened.info
+    decoded = decode_image(buf.getvalue(), 10**8).input_image
+    scale = decoded.shape[1] / 40
+    assert decoded[1, 1].min() >= 250  # the transparent corner: white
+    assert decoded[int(15 * scale), int(20 * scale)].max() < 250  # the object keeps its colour
+
+
 def test_svg_gets_a_message_that_says_svg():
     svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'
     with pytest.raises(UnsupportedInput, match="SVG images are not supported"):
         decode_image(svg, 10**8)
+    for variant in (b"\xef\xbb\xbf" + svg, b'<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "x.dtd">\n' + svg[21:],
+                    b"<!-- drawn by hand -->\n" + svg[21:], b"\n\n  " + svg.upper()):
+        with pytest.raises(UnsupportedInput, match="SVG images are not supported"):
+            decode_image(variant, 10**8)
     with pytest.raises(UnsupportedInput, match="not a PNG, JPEG") as garbage:
         decode_image(b"\x00garbage" * 10, 10**8)
     assert "BytesIO" not in garbage.value.message

@@ -407,9 +407,17 @@ class DecodedImage:
 _FORMATS = "PNG, JPEG, WebP, TIFF, BMP or GIF"
 
 
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
 def _as_browser_shows(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit grey images as 8-bit the way browsers show them (the high byte): PIL's
-    convert("RGB") clips them, and a 16-bit PNG came out all white."""
+    """The pixels as a browser shows them on Label Studio's page. 16-bit and 32-bit grey as 8-bit
+    (the high byte): PIL's convert("RGB") clips them, and a 16-bit PNG came out all white.
+    Transparent pixels over white: convert("RGB") drops alpha and shows the colour hidden under
+    it (often black), which is not what the annotator sees around a cut-out object."""
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(image, dtype=np.uint32)
         shift = 8 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 0
@@ -423,8 +431,9 @@ def _as_browser_shows(image: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     """Decode, apply EXIF orientation (browsers do, so Label Studio's percentages assume it), resize for SAM."""
-    head = data[:512].lstrip().lower()
-    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+    # no raster format starts with "<"; an SVG may open with a BOM, <?xml, a DOCTYPE or a comment
+    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<") and b"<svg" in head:
         raise UnsupportedInput("SVG images are not supported: export the image as PNG or JPEG")
     try:
         image = Image.open(io.BytesIO(data))
