@@ -116,7 +116,9 @@ def test_a_huge_label_config_is_refused_not_cached(client):
     assert response.status_code == 422 and "at most" in response.json["error"]
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:1/a\ud800.png", "http://h/a\r\nX: y", "x" * 20_000])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/a\ud800.png", "http://h/a\r\nX: y", "x" * 20_000,
+                                 "http://127.0.0.1:99999/a.png", "http://127.0.0.1:-1/a.png", "http://[127.0.0.1/a.png",
+                                 "http://127.0.0.1]:80/a.png", "http://[::1:80/a.png", "http://h:1\\@127.0.0.1:2/a.png"])
 def test_unusable_image_urls_are_a_400(client, url):
     c, _ = client
     raw = body(KEYPOINT)

@@ -117,22 +117,32 @@ def keypoint_body(image: str = "/data/upload/1/a.png") -> dict:
     return body
 
 
-def test_an_unauthenticated_setup_cannot_move_downloads(settings, make_client, image_server, other_server):
-    # basic auth off (the default): anyone who reaches the port can call /setup
+@pytest.mark.parametrize("configured", [False, True])
+def test_an_unauthenticated_setup_cannot_move_downloads(settings, make_client, image_server, other_server, configured):
+    # basic auth off (the default): anyone who reaches the port can call /setup. Without
+    # LABEL_STUDIO_URL (the default install) its hostname became the Label Studio host and an allowed
+    # origin: relative image URLs, and absolute ones naming it, were then fetched from there
     image_server.add("/data/upload/1/a.png", PNG)
     other_server.add("/data/upload/1/a.png", PNG)
+    if not configured:
+        settings = settings.replace(label_studio_url=None, label_studio_api_key=None)
     c, _ = make_client(settings)
     from tests.conftest import protocol_body
 
     hostile = protocol_body("setup.json")
     hostile.update(hostname=other_server.url, access_token="attacker-token")
     assert c.post("/setup", json=hostile).status_code == 200  # answered, but changes nothing
-    assert c.post("/predict", json=keypoint_body()).status_code == 200
-    assert other_server.requests == []  # the image came from LABEL_STUDIO_URL, with its token
-    assert image_server.requests[-1] == ("/data/upload/1/a.png", f"Token {TOKEN}")
+    relative = c.post("/predict", json=keypoint_body())
+    absolute = c.post("/predict", json=keypoint_body(other_server.url + "/data/upload/1/a.png"))
+    assert absolute.status_code == 403 and f"127.0.0.1:{other_server.port}" in absolute.json["error"]
+    if configured:  # the image came from LABEL_STUDIO_URL, with its token
+        assert relative.status_code == 200
+        assert image_server.requests[-1] == ("/data/upload/1/a.png", f"Token {TOKEN}")
+    else:
+        assert relative.status_code == 503 and "LABEL_STUDIO_URL" in relative.json["error"]
     # nor through Redis, for the other workers
     c2, _ = make_client(settings)
-    assert c2.post("/predict", json=keypoint_body()).status_code == 200
+    assert c2.post("/predict", json=keypoint_body()).status_code == relative.status_code
     assert other_server.requests == []
 
 
