@@ -140,7 +140,8 @@ class LabelStudioAuth:
         try:
             response = self._session.post(url, json={"refresh": self.api_key}, timeout=self._timeout)
         except requests.RequestException as exc:
-            raise ImageUnavailable(f"cannot reach Label Studio at {self.base_url} to refresh the access token: {exc}")
+            raise ImageUnavailable(f"cannot reach Label Studio at {display_url(self.base_url)} to refresh the access "
+                                   f"token: {exc.__class__.__name__}")
         if response.status_code != 200:
             raise ImageUnavailable(
                 f"Label Studio refused the personal access token in LABEL_STUDIO_API_KEY "
