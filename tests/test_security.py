@@ -68,6 +68,18 @@ def test_a_redirect_to_a_host_that_is_not_allowed_is_refused(image_server, other
     assert other_server.requests == []
 
 
+@pytest.mark.parametrize("status", [301, 302, 307])
+def test_a_click_on_an_image_redirected_to_another_port_is_a_403(settings, make_client, image_server, other_server,
+                                                                     status):
+    # the case: Label Studio's origin (allowed) redirects to another port of the same host
+    other_server.add("/internal.png", PNG)
+    image_server.redirects["/data/upload/1/a.png"] = (status, f"http://127.0.0.1:{other_server.port}/internal.png")
+    c, _ = make_client(settings)
+    response = c.post("/predict", json=keypoint_body())
+    assert response.status_code == 403 and f"127.0.0.1:{other_server.port}" in response.json["error"]
+    assert other_server.requests == []
+
+
 def test_a_redirect_between_allowed_hosts_works_without_forwarding_the_token(image_server, other_server):
     other_server.add("/cdn/a.png", PNG)
     image_server.redirects["/data/r.png"] = (302, f"http://localhost:{other_server.port}/cdn/a.png")
