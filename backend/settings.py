@@ -129,7 +129,15 @@ class Settings:
                 raise SettingsError(f"LABEL_STUDIO_URL={ls_url!r} must be an http(s) URL")
         hosts = tuple(h.strip().lower() for h in env.get("ALLOWED_IMAGE_HOSTS", "").split(",") if h.strip())
 
-        user, password = text("BASIC_AUTH_USER", None), text("BASIC_AUTH_PASS", None)
+        def secret(name: str) -> str | None:
+            # sent or compared as header text: a byte the environment could not decode (a lone
+            # surrogate) or a control character would fail every request that uses it, with a 500
+            value = text(name, None)
+            if value is not None and not (value.isprintable() and value.isascii()):
+                raise SettingsError(f"{name} must be printable ASCII text")
+            return value
+
+        user, password = secret("BASIC_AUTH_USER"), secret("BASIC_AUTH_PASS")
         if (user is None) != (password is None):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if flag("METRICS_AUTH", d.metrics_auth) and user is None:
@@ -142,7 +150,7 @@ class Settings:
             redis_url=text("REDIS_URL", None),
             cache_redis_url=text("CACHE_REDIS_URL", None),
             label_studio_url=ls_url,
-            label_studio_api_key=text("LABEL_STUDIO_API_KEY", None),
+            label_studio_api_key=secret("LABEL_STUDIO_API_KEY"),
             basic_auth_user=user,
             basic_auth_pass=password,
             model_dir=Path(text("MODEL_DIR", str(d.model_dir))).expanduser(),
@@ -179,7 +187,7 @@ class Settings:
             job_max_retries=number("JOB_MAX_RETRIES", d.job_max_retries, minimum=0),
             max_request_bytes=number("MAX_REQUEST_BYTES", d.max_request_bytes, minimum=1024),
             max_tasks_per_request=number("MAX_TASKS_PER_REQUEST", d.max_tasks_per_request, minimum=1),
-            webhook_secret=text("WEBHOOK_SECRET", None),
+            webhook_secret=secret("WEBHOOK_SECRET"),
             metrics_auth=flag("METRICS_AUTH", d.metrics_auth),
             max_concurrent_encodes=number("MAX_CONCURRENT_ENCODES", d.max_concurrent_encodes, minimum=1),
             encode_wait=number("ENCODE_WAIT", d.encode_wait, kind=float, minimum=0.0),

@@ -13,7 +13,7 @@ import pytest
 
 from backend.errors import HostNotAllowed, ImageUnavailable, InvalidRequest
 from backend.pipeline.images import ImageFetcher
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from tests.conftest import TOKEN, ImageServer, make_image
 
 PNG = make_image(40, 30)
@@ -278,3 +278,13 @@ def test_cookies_from_label_studio_never_reach_another_origin():
     finally:
         ls.stop()
         other.stop()
+
+
+@pytest.mark.parametrize("name", ["LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "WEBHOOK_SECRET"])
+@pytest.mark.parametrize("value", ["tok\udcffen", "tok\nen", "t\u00f6ken"])
+def test_a_secret_that_cannot_be_a_header_stops_the_backend_at_start(name, value):
+    # an undecodable byte in the environment arrives as a lone surrogate: encoding it for the
+    # Authorization header (or comparing it) failed every click with a 500 instead
+    env = {name: value, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw"} | {name: value}
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env(env)
