@@ -172,7 +172,7 @@ def test_without_label_studio_url_or_basic_auth_setup_is_not_taken(settings, mak
 
 
 @pytest.mark.parametrize("field, value", [("hostname", "http://h\ud800/"), ("access_token", "tok\ud800en"),
-                                          ("hostname", "http://h/\r\nX-Forged: 1")])
+                                          ("hostname", "http://h/\r\nX-Forged: 1"), ("access_token", "tok\u20acn")])
 def test_setup_with_unprintable_values_is_a_clear_400(client, field, value):
     from tests.conftest import protocol_body
 

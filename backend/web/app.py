@@ -230,9 +230,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         body = json_body()
         hostname, token = body.get("hostname"), body.get("access_token")
         if isinstance(hostname, str) and isinstance(token, str):
-            for name, value in (("hostname", hostname), ("access_token", token)):
-                if not value.isprintable():
-                    raise InvalidRequest(f"/setup's {name} must be printable text")
+            # both end up in request headers: unprintable text, or a token that is not ASCII, would
+            # fail every later download with a 500
+            if not hostname.isprintable():
+                raise InvalidRequest("/setup's hostname must be printable text")
+            if not (token.isprintable() and token.isascii()):
+                raise InvalidRequest("/setup's access_token must be printable ASCII text")
             services.share_setup(hostname, token)
         return jsonify({"model_version": services.predictor.model_version(project_number(body.get("project")))})
 
