@@ -89,6 +89,16 @@ def test_a_redirect_between_allowed_hosts_works_without_forwarding_the_token(ima
     assert tokens_seen(other_server) == []  # the token stays with Label Studio
 
 
+def test_a_protocol_relative_url_is_the_host_browsers_read_it_as(image_server, other_server):
+    # "//host/a.png" in task data is another host to the annotator's browser; it was fetched from
+    # Label Studio's origin, with the token, as a path
+    other_server.add("/a.png", PNG)
+    with pytest.raises(HostNotAllowed, match=f"localhost:{other_server.port}"):
+        fetcher(image_server).fetch(f"//localhost:{other_server.port}/a.png")
+    assert fetcher(image_server, allowed_image_hosts=("localhost",)).fetch(f"//localhost:{other_server.port}/a.png") == PNG
+    assert image_server.requests == [] and tokens_seen(other_server) == []
+
+
 def test_redirect_loops_end(image_server):
     image_server.redirects["/data/loop.png"] = (302, "/data/loop.png")
     with pytest.raises(ImageUnavailable, match="redirected more than"):
@@ -97,6 +107,11 @@ def test_redirect_loops_end(image_server):
 
 def test_a_password_in_an_image_url_appears_in_no_message_or_log(image_server, caplog):
     caplog.set_level(logging.DEBUG)
+    for malformed in ("http:/user:pa55word@localhost/a.png", "http:\\\\user:pa55word@localhost/a.png",
+                      "http:///user:pa55word@localhost/a.png"):
+        with pytest.raises(InvalidRequest) as refused:
+            fetcher(image_server).fetch(malformed)
+        assert "pa55word" not in refused.value.message and "***@" in refused.value.message
     url = f"http://user:pa55word@localhost:{image_server.port}/a.png"
     with pytest.raises(HostNotAllowed) as refused:
         fetcher(image_server).fetch(url)

@@ -38,9 +38,18 @@ Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clea
 _SECRET_PARAM = re.compile(r"(?i)(sig|signature|token|key|credential|secret|password|auth)")
 
 
+# "user:password@" anywhere: a malformed URL ("http:/u:p@h", "http:\\u:p@h") hides its userinfo
+# from urlsplit, yet the password in it is still a password
+_USERINFO = re.compile(r"[^/\\@\s?#]*:[^/\\@\s?#]*@")
+
+
 def display_url(url: str) -> str:
     """The URL for messages and logs: presigned URLs carry credentials in the query string, and
     a URL may carry a password before its host."""
+    return _USERINFO.sub("***@", _masked_query(url))
+
+
+def _masked_query(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -287,7 +296,10 @@ class ImageFetcher:
     def resolve(self, url: str) -> tuple[str, LabelStudioAuth | None]:
         """Absolute URL to download and the Label Studio auth to send with it (None: send no credentials)."""
         ls = self.label_studio()
-        if url.startswith("/"):
+        if url.startswith("//"):
+            # a network-path reference: the annotator's browser reads "//host/a.png" as another host
+            url = (urlsplit(ls.base_url).scheme if ls is not None else "https") + ":" + url
+        elif url.startswith("/"):
             if ls is None:
                 raise NotConfigured(
                     f"image URL {display_url(url)} is relative to Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
