@@ -134,13 +134,15 @@ def test_a_webhook_whose_label_config_is_not_text_is_acknowledged(client):
     assert answer.status_code == 200 and "queued" not in answer.json
 
 
-def test_one_forged_webhook_or_batch_queues_at_most_the_cap(settings, make_client):
+def test_one_forged_webhook_or_batch_queues_at_most_the_cap(settings, make_client, caplog):
+    caplog.set_level(logging.INFO)
     c, _ = make_client(settings.replace(max_tasks_per_request=50))
     store = redis.Redis.from_url(settings.redis_url)
     tasks = [{"id": i, "data": {"image": f"/data/upload/{i}.png"}} for i in range(1, 10_001)]
     answer = c.post("/webhook", json=webhook("TASKS_CREATED", tasks=tasks))
     assert answer.status_code == 200 and answer.json["queued"] == 50
     assert jobs.queue(store, jobs.WARM_QUEUE).count == 50
+    assert "TASKS_CREATED with 10000 tasks: warming at most 50 (MAX_TASKS_PER_REQUEST)" in caplog.text
     batch = body("predict_batch.json") | {"tasks": tasks}
     response = c.post("/predict", json=batch)
     assert response.status_code == 200 and len(response.json["results"]) == 10_000  # one entry per task

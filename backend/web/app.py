@@ -156,7 +156,11 @@ def webhook_answer(services: Services, body: dict) -> dict:
         answer["training"] = services.background.train(project_id, "start_training")
     if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list):
         # newly imported images: embed them before an annotator opens them
-        tasks = tasks_to_warm(body["tasks"], services.settings.max_tasks_per_request)
+        cap = services.settings.max_tasks_per_request
+        tasks = tasks_to_warm(body["tasks"], cap)
+        if len(body["tasks"]) > cap:
+            log.warning("TASKS_CREATED with %d tasks: warming at most %d (MAX_TASKS_PER_REQUEST); "
+                        "`sam-backend warm --project ID` embeds a whole project", len(body["tasks"]), cap)
         try:
             config = parse_label_config(project.get("label_config") or "")
         except BackendError as exc:
