@@ -176,11 +176,14 @@ def test_no_url_sends_label_studio_s_token_to_another_server(image_server, caplo
         @given(hostile_urls(f"127.0.0.1:{ls_port}", f"localhost:{other_port}"))
         def no_leak(url):
             before, logged = len(other.requests), len(caplog.records)
+            # a password, when the pieces left "user:pa55word@" whole (a "/" inserted into it makes
+            # "pa55word" part of a path, not a password)
+            password = "user:pa55word@" in url
             try:
                 fetched.append(fetcher.fetch(url))
             except BackendError as exc:
-                assert "pa55word" not in exc.message, url
-            assert not any("pa55word" in r.getMessage() for r in caplog.records[logged:]), url
+                assert not (password and "pa55word" in exc.message), url
+            assert not (password and any("pa55word" in r.getMessage() for r in caplog.records[logged:])), url
             # (a URL's own userinfo may reach it as Basic auth: the caller's credentials, not ours)
             assert [auth for _, auth in other.requests[before:] if auth and TOKEN in auth] == [], url
 

@@ -31,6 +31,9 @@ from model.prompts import preprocess_shape
 from model.sam import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
+# urllib3's DEBUG lines carry each request's full path and query: presigned signatures, and
+# whatever a malformed URL holds. Our own messages show URLs through display_url instead.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clear error
 
@@ -39,8 +42,9 @@ _SECRET_PARAM = re.compile(r"(?i)(sig|signature|token|key|credential|secret|pass
 
 
 # "user:password@" anywhere: a malformed URL ("http:/u:p@h", "http:\\u:p@h") hides its userinfo
-# from urlsplit, yet the password in it is still a password
-_USERINFO = re.compile(r"[^/\\@\s?#]*:[^/\\@\s?#]*@")
+# from urlsplit, yet the password in it is still a password. The password runs to the last "@"
+# before the path, as the HTTP client reads it ("u:p@q@h": the password is "p@q")
+_USERINFO = re.compile(r"[^/\\@\s?#]*:[^/\\\s?#]*@")
 
 
 def display_url(url: str) -> str:
@@ -308,7 +312,7 @@ class ImageFetcher:
         scheme, host, port = _origin(url)
         if scheme not in ("http", "https"):
             raise UnsupportedInput(
-                f"image URL scheme {scheme or url[:16]!r} is not supported: serve images over http(s) "
+                f"image URL scheme {scheme or display_url(url)[:32]!r} is not supported: serve images over http(s) "
                 "or through Label Studio (cloud storage with presigned URLs, local files, uploads)"
             )
         same_as_ls = ls is not None and (scheme, host, port) == _origin(ls.base_url)
