@@ -23,7 +23,7 @@ def compose() -> dict:
 
 def test_settings_read_exactly_the_documented_variables():
     source = (ROOT / "backend" / "settings.py").read_text()
-    read = set(re.findall(r'(?:text|number|flag)\(\s*"([A-Z_]+)"', source))
+    read = set(re.findall(r'(?:text|number|flag|secret)\(\s*"([A-Z_]+)"', source))
     read |= set(re.findall(r'env\.get\("([A-Z_]+)"', source))
     assert read == set(ENV_VARS)
     readme = (ROOT / "README.md").read_text()
