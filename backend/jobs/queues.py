@@ -43,29 +43,44 @@ RECORD_TTL = 24 * 3600  # how long a finished job's record stays: `--wait` tells
 _BEAT_EVERY = 5
 
 
-def store_risks(connection: redis.Redis, shares_cache: bool) -> list[str]:
-    """What could make this Redis lose queued jobs or job records (empty: nothing known)."""
+def store_risks(connection: redis.Redis, shares_cache: bool = False) -> list[str]:
+    """What could make the job store's Redis lose queued jobs or job records; empty when nothing is
+    known. Logged as warnings when a process builds its services, and meant for health checks.
+
+    `shares_cache`: the embedding cache lives in this Redis too (CACHE_REDIS_URL unset, or the same
+    URL). The design keeps the two apart (README "Configure"): the store with `noeviction` and
+    persistence, the cache with `allkeys-lru` and a `maxmemory`.
+    """
     try:
         config = connection.config_get("maxmemory*")
-        policy, limit = config.get("maxmemory-policy", ""), int(config.get("maxmemory") or 0)
+        config.update(connection.config_get("save"))
+        config.update(connection.config_get("appendonly"))
     except redis.ResponseError:  # managed Redis services may refuse CONFIG: nothing to tell
         return []
     except redis.RedisError as exc:
         return [f"cannot check the job store's Redis: {exc}"]
+    policy, limit = config.get("maxmemory-policy", ""), int(config.get("maxmemory") or 0)
+    risks = []
     if policy.startswith("allkeys"):
-        return [f"the job store's Redis has maxmemory-policy {policy}: queued jobs and job records can be evicted "
-                "when memory fills up; use noeviction there and put the embeddings in CACHE_REDIS_URL "
-                "(a second Redis with allkeys-lru)"]
-    if policy.startswith("volatile") and not shares_cache:
-        return []
-    if policy.startswith("volatile"):
-        return [f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
-                "cache keys carry a TTL and are evicted first, but job records with a TTL (failed jobs) and "
-                "heartbeats can be evicted too; a second Redis for the cache is safer"]
-    if shares_cache and limit:
-        return [f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
-                "when it fills up, cache writes and job enqueues fail; give the cache its own Redis"]
-    return []
+        risks.append(f"the job store's Redis has maxmemory-policy {policy}: queued jobs and job records can be "
+                     "evicted when memory fills up; use noeviction there and put the embeddings in CACHE_REDIS_URL "
+                     "(a second Redis with allkeys-lru)")
+    elif policy.startswith("volatile") and shares_cache:
+        risks.append(f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
+                     "embeddings carry a TTL and go first (none with EMBEDDING_TTL=0: then nothing can be evicted "
+                     "and writes fail), but finished-job records and heartbeats carry a TTL too; give the cache a "
+                     "Redis of its own and use noeviction here")
+    elif policy.startswith("volatile"):
+        risks.append(f"the job store's Redis has maxmemory-policy {policy}: finished-job records and heartbeats "
+                     "carry a TTL and can be evicted (a follower then reports a finished job lost, and a running "
+                     "job is run twice); use noeviction")
+    elif shares_cache and limit:
+        risks.append(f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
+                     "when it fills up, cache writes and job enqueues fail; give the cache its own Redis")
+    if not config.get("save") and config.get("appendonly") == "no":
+        risks.append("the job store's Redis does not persist (no save points, appendonly no): a restart loses "
+                     "every queued job; use appendonly yes")
+    return risks
 
 
 def queue(connection: redis.Redis, name: str = WARM_QUEUE) -> Queue:
@@ -102,6 +117,11 @@ def fetch_job(connection: redis.Redis, job_id: str) -> Job | None:
         return Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
     except NoSuchJobError:
         return None
+
+
+def fetch_jobs(connection: redis.Redis, job_ids: list[str]) -> list[Job | None]:
+    """Snapshots of many jobs in one round trip (None where no record exists)."""
+    return Job.fetch_many(job_ids, connection=connection, serializer=JSONSerializer)
 
 
 def abandoned(connection: redis.Redis, job: Job) -> bool:
@@ -215,7 +235,8 @@ def job_counts(connection: redis.Redis) -> dict[str, dict[str, int]]:
         counts = {}
         for name in QUEUES:
             q = queue(connection, name)
-            counts[name] = {"queued": q.count, "running": q.started_job_registry.count,
+            # no cleanup: RQ's would fail a dead worker's job outright; the workers' sweep retries it
+            counts[name] = {"queued": q.count, "running": q.started_job_registry.get_job_count(cleanup=False),
                             "failed": q.failed_job_registry.count, "done": done_count(connection, name)}
         return counts
     except redis.RedisError as exc:
