@@ -64,12 +64,68 @@ def test_followers_tell_done_from_gone(settings, image_server):
     assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
     assert not jobs.abandoned(conn, snapshot)  # reads the snapshot
     assert jobs.fetch_job(conn, job_id).get_status(refresh=False) == JobStatus.FINISHED
-    out = io.StringIO()
-    assert follow_jobs(conn, jobs.WARM_QUEUE, {job_id: "a.png"}, "embedding", out, poll=0.1) == {}
+    assert follow_jobs(conn, jobs.WARM_QUEUE, {job_id: "a.png"}, "embedding", io.StringIO(), poll=0.1) == {}
     conn.delete(f"rq:job:{job_id}")  # what a flushed Redis leaves
+    out = io.StringIO()
     failures = follow_jobs(conn, jobs.WARM_QUEUE, {job_id: "a.png"}, "embedding", out, poll=0.1)
     assert failures["a.png"].startswith("lost")
+    assert "1 of 1 jobs vanished from Redis without a record of finishing: 0 queued again, 1 lost" in out.getvalue()
     assert jobs.enqueue_warm(conn, model_id, [url]) == 1  # done jobs do not block a new request
+
+
+def test_a_follower_queues_a_job_again_when_its_record_vanishes_while_queued(settings, image_server):
+    # what an evicting Redis did to a queued job (issue 11, finding 1): the record and its place in
+    # the queue gone. The follower read the job before, so it knows how to queue it again.
+    from backend.jobs.follow import follow_jobs
+
+    conn = redis.Redis.from_url(settings.redis_url)
+    model_id = ModelLoader(settings).model_id
+    url = image_server.add("/data/upload/evicted.png", make_image(40, 30))
+    assert jobs.enqueue_warm(conn, model_id, [url]) == 1
+    job_id = jobs.warm_job_id(model_id, url)
+    rounds = []
+
+    def while_queued(job, bar):
+        rounds.append(job.get_status(refresh=False))
+        if len(rounds) == 1:  # evicted after the follower's first look
+            conn.delete(job.key)
+            conn.lrem(jobs.queue(conn).key, 0, job_id)
+            assert jobs.queue(conn).count == 0
+        else:  # queued again by the follower: a worker takes it
+            assert jobs.queue(conn).count == 1
+            assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
+
+    out = io.StringIO()
+    failures = follow_jobs(conn, jobs.WARM_QUEUE, {job_id: "evicted.png"}, "embedding", out,
+                           on_running=while_queued, poll=0.05)
+    assert failures == {} and rounds == [JobStatus.QUEUED, JobStatus.QUEUED]
+    assert "evicted.png: its job record vanished from Redis before it finished; queued again" in out.getvalue()
+    assert "1 queued again, 0 lost" in out.getvalue()
+    assert jobs.fetch_job(conn, job_id).get_status(refresh=False) == JobStatus.FINISHED
+    assert len(conn.keys("sam-backend:emb:*")) == 1
+
+
+def test_a_job_lost_again_and_again_is_reported_lost_after_the_retries(settings, image_server):
+    from backend.jobs.follow import follow_jobs
+
+    conn = redis.Redis.from_url(settings.redis_url)
+    model_id = ModelLoader(settings).model_id
+    url = image_server.add("/data/upload/cursed.png", make_image(40, 30))
+    assert jobs.enqueue_warm(conn, model_id, [url]) == 1
+    job_id = jobs.warm_job_id(model_id, url)
+    evictions = []
+
+    def evict(job, bar):
+        evictions.append(job.id)
+        conn.delete(job.key)
+        conn.lrem(jobs.queue(conn).key, 0, job_id)
+
+    out = io.StringIO()
+    failures = follow_jobs(conn, jobs.WARM_QUEUE, {job_id: "cursed.png"}, "embedding", out, on_running=evict,
+                           poll=0.05, max_retries=2)
+    assert len(evictions) == 3  # the first time and after each of the two retries
+    assert failures["cursed.png"].startswith("lost") and "queued again 2 times" in failures["cursed.png"]
+    assert "0 queued again, 1 lost" in out.getvalue()
 
 
 def _start_job_and_kill_its_worker(settings, conn, url: str, tmp_path) -> str:
