@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 import zlib
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
+from rq.utils import utcformat
 
 from backend.jobs import queues as jobs
 from backend.pipeline.model_loader import ModelLoader
@@ -192,6 +194,29 @@ def test_a_job_whose_workers_keep_dying_fails_saying_why(settings, image_server,
     failures = follow_jobs(conn, jobs.WARM_QUEUE, {job_id: "hang.png"}, "embedding", io.StringIO(), poll=0.1)
     assert "worker died 1 times" in failures["hang.png"]
     assert jobs.queue(conn).failed_job_registry.count == 1 and jobs.queue(conn).started_job_registry.count == 0
+
+
+def test_a_worker_starting_long_after_every_worker_died_retries_the_job_rqs_cleanup_would_fail(
+        settings, image_server, tmp_path):
+    # RQ's own start-up maintenance fails a started job outright once its registry entry expired
+    # (job timeout + 60 s after the last worker died); the worker sweeps before that runs
+    conn = redis.Redis.from_url(settings.redis_url)
+    url = image_server.add("/data/upload/late.png", make_image(48, 36))
+    image_server.delays[url] = 120
+    job_id = _start_job_and_kill_its_worker(settings, conn, url, tmp_path)
+    image_server.delays.clear()
+    # a fake for half an hour passing (a wait we cannot afford in a test): the heartbeat expired,
+    # the job started 31 minutes ago and RQ's registry entry for it is past its expiry
+    conn.delete(f"sam-backend:alive:{job_id}")
+    conn.hset(f"rq:job:{job_id}", "started_at", utcformat(datetime.now(timezone.utc) - timedelta(minutes=31)))
+    registry = jobs.queue(conn).started_job_registry
+    for entry in conn.zrange(registry.key, 0, -1):
+        conn.zadd(registry.key, {entry: time.time() - 60})
+    assert jobs.abandoned(conn, jobs.fetch_job(conn, job_id))
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
+    job = jobs.fetch_job(conn, job_id)
+    assert job.get_status(refresh=False) == JobStatus.FINISHED and job.get_meta(refresh=False)["retries"] == 1
+    assert jobs.queue(conn).failed_job_registry.count == 0
 
 
 def test_metrics_show_job_counts_per_queue(settings, make_client, image_server):

@@ -81,12 +81,23 @@ def sweep_forever(services: Services, queue_names: list[str], stop: threading.Ev
             log.warning("sweeping for jobs of dead workers failed: %s", exc)
 
 
+def sweep_once(services: Services, queue_names: list[str]) -> None:
+    """The sweep, before the worker takes its first job: RQ's own start-up maintenance fails a dead
+    worker's job outright once its registry entry expires (job timeout + 60 s, e.g. after every
+    worker was down for half an hour); sweeping first retries it instead."""
+    try:
+        queues.requeue_abandoned(services.redis, queue_names, services.settings.job_max_retries)
+    except redis.RedisError as exc:
+        log.warning("sweeping for jobs of dead workers failed: %s", exc)
+
+
 def run_worker(services: Services, queue_names: list[str], burst: bool = False) -> int:
     """Work the queues, first named first. The exit code: 0 when it stopped as asked (SIGTERM, or
     the queues ran empty with `burst`), 1 when RQ's loop quit on an error."""
     worker = build_worker(services, queue_names)
     services.loader.get()  # load SAM before taking the first job
     log.info("worker %s listening on %s", worker.name, ", ".join(queue_names))
+    sweep_once(services, queue_names)
     stop = threading.Event()
     sweeper = threading.Thread(target=sweep_forever, args=(services, queue_names, stop), name="sweep", daemon=True)
     sweeper.start()
