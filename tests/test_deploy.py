@@ -56,6 +56,7 @@ def test_compose_keeps_jobs_and_the_cache_in_separate_redis_instances(compose):
     store = shlex.split(compose["services"]["redis"]["command"])
     assert store[0] == "redis-server" and store[store.index("--maxmemory-policy") + 1] == "noeviction"
     assert "--maxmemory" not in store and "--save" in store
+    assert store[store.index("--appendonly") + 1] == "yes"  # a crash loses no queued job
     cache = compose["services"]["redis-cache"]
     words = shlex.split(cache["command"].replace("${REDIS_MAXMEMORY:-4gb}", "4gb"))
     assert words[0] == "redis-server"
@@ -65,8 +66,15 @@ def test_compose_keeps_jobs_and_the_cache_in_separate_redis_instances(compose):
     env = compose["services"]["backend"]["environment"]
     assert env["CACHE_REDIS_URL"].startswith("redis://redis-cache:") and env["REDIS_URL"].startswith("redis://redis:")
     for service in ("backend", "worker"):
+        assert compose["services"][service]["environment"]["CACHE_REDIS_URL"] == env["CACHE_REDIS_URL"]
         for dependency in ("redis", "redis-cache"):
             assert compose["services"][service]["depends_on"][dependency]["condition"] == "service_healthy"
+    # the README's same stack without Docker sets the two servers up the same way
+    readme = (ROOT / "README.md").read_text()
+    jobs_line, cache_line = [shlex.split(line.split("&")[0]) for line in re.findall(r"^ *redis-server .*$", readme, re.M)]
+    assert jobs_line[jobs_line.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" not in jobs_line
+    assert jobs_line[jobs_line.index("--appendonly") + 1] == "yes"
+    assert cache_line[cache_line.index("--maxmemory-policy") + 1] == "allkeys-lru" and "--maxmemory" in cache_line
     ls = compose["services"]["label-studio"]["environment"]
     assert ls["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
 
