@@ -42,16 +42,23 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, loader: ModelLoader | None = None) -> "Services":
         metrics = Metrics()
+        # Redis has two roles: the job store (REDIS_URL: queues, job records, heartbeats, /setup,
+        # training counters; must never evict) and the embedding cache (CACHE_REDIS_URL: embeddings,
+        # image copies, URL digests, encode claims; evicts). Only the cache client goes to the
+        # EmbeddingCache; everything else gets the store's. Short timeouts: an unreachable Redis
+        # must cost a click milliseconds, not seconds.
         client = cache_client = None
         if settings.redis_url:
-            # short timeouts: an unreachable Redis must cost a click milliseconds, not seconds
             client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+        if settings.cache_url:
             cache_client = client if settings.cache_url == settings.redis_url else redis.Redis.from_url(
                 settings.cache_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+        if client is not None:
             for risk in store_risks(client, shares_cache=cache_client is client):
                 log.warning("%s", risk)
         else:
-            log.warning("REDIS_URL is not set: embeddings are cached in this process only")
+            log.warning("REDIS_URL is not set: no background jobs%s",
+                        "" if cache_client else "; embeddings are cached in this process only")
         loader = loader or ModelLoader(settings)
         cache = EmbeddingCache(cache_client, metrics, settings.embedding_ttl, settings.embedding_lru_size,
                                settings.url_digest_ttl)

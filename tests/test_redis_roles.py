@@ -181,3 +181,17 @@ def test_the_embedded_job_store_keeps_its_queue_through_a_crash_and_an_upgrade(t
         assert queues.queue(redis.Redis.from_url(store.url)).count == JOBS + 1  # every write was on disk
     finally:
         store.stop()
+
+
+def test_a_cache_redis_alone_caches_embeddings_and_the_embedded_start_keeps_it(tiny_checkpoint, tmp_path):
+    # CACHE_REDIS_URL set, REDIS_URL unset: clicks use the shared cache (no background jobs), and
+    # `serve` starts only the embedded job store instead of replacing the admin's cache
+    started = start_embedded(tmp_path / "redis", "40mb", cache=False)
+    try:
+        assert len(started) == 1 and not (tmp_path / "redis" / "embeddings.sock").exists()
+        services = services_for(tiny_checkpoint, tmp_path, None, started[0].url)
+        assert services.redis is None and services.cache.client is not None
+        services.cache.remember_url("http://images.example/a.jpg", "ab" * 32)
+        assert redis.Redis.from_url(started[0].url).keys("sam-backend:url:*")
+    finally:
+        started[0].stop()

@@ -114,12 +114,15 @@ class EmbeddedRedis:
         self.proc = None
 
 
-def start_embedded(data_dir: Path, cache_maxmemory: str) -> tuple[EmbeddedRedis, EmbeddedRedis]:
-    """The job store and the embedding cache, started; stop both when done."""
+def start_embedded(data_dir: Path, cache_maxmemory: str, cache: bool = True) -> tuple[EmbeddedRedis, ...]:
+    """The job store and (unless `cache` is false: CACHE_REDIS_URL names one) the embedding cache,
+    started; stop them when done."""
     store = EmbeddedRedis(data_dir, maxmemory=None, name="jobs").start()
+    if not cache:
+        return (store,)
     try:
-        cache = EmbeddedRedis(data_dir, maxmemory=cache_maxmemory, name="embeddings").start()
+        embeddings = EmbeddedRedis(data_dir, maxmemory=cache_maxmemory, name="embeddings").start()
     except Exception:
         store.stop()
         raise
-    return store, cache
+    return store, embeddings

@@ -69,9 +69,12 @@ def serve(settings: Settings) -> int:
     os.environ["MODEL_DIR"] = str(settings.model_dir)
 
     embedded: tuple = ()
-    if not settings.redis_url:
-        embedded = start_embedded(settings.model_dir / "redis", settings.embedded_redis_maxmemory)
-        os.environ["REDIS_URL"], os.environ["CACHE_REDIS_URL"] = embedded[0].url, embedded[1].url
+    if not settings.redis_url:  # two servers, one per role of Redis (see backend/web/embedded_redis.py)
+        embedded = start_embedded(settings.model_dir / "redis", settings.embedded_redis_maxmemory,
+                                  cache=not settings.cache_redis_url)
+        os.environ["REDIS_URL"] = embedded[0].url
+        if len(embedded) > 1:
+            os.environ["CACHE_REDIS_URL"] = embedded[1].url
     # encoders run in RQ workers, not in the processes answering clicks
     workers = [
         subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "worker"], env=os.environ.copy())
