@@ -34,6 +34,11 @@ class Metrics:
                                         registry=r)
         self.head_seconds = Histogram("sam_head_seconds", "Refinement head time per mask", registry=r, buckets=_FAST)
         self.train_jobs = Counter("sam_train_jobs", "Training jobs queued, by trigger", ["trigger"], registry=r)
+        self.zoom_answers = Counter("sam_zoom_answers", "Masks by the path that made them (whole image, zoom "
+                                    "windows, whole image with edge windows)", ["path"], registry=r)
+        self.zoom_windows = Histogram("sam_zoom_windows", "Windows decoded for one zoomed mask", registry=r,
+                                      buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.window_encodes = Counter("sam_window_encodes", "Zoom windows embedded (cache misses)", registry=r)
 
     def watch_queues(self, read) -> None:
         """Export job counts per queue and state, read from Redis at scrape time: the same numbers

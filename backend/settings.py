@@ -12,6 +12,8 @@ from model.checkpoints import OFFICIAL
 
 MODEL_TYPES = tuple(OFFICIAL)  # one list: the model types with an official checkpoint
 OUTPUT_TYPES = ("both", "brush", "polygon")
+ZOOM_EDGES = ("cached", "always", "off")  # which windows may refine a large object's edges
+ZOOM_MAXIMA = (1, 2, 4, 8)  # window zooms are powers of two, so windows snap to one grid
 
 # every environment variable the backend reads; README.md documents each (a test checks both)
 ENV_VARS = (
@@ -24,6 +26,7 @@ ENV_VARS = (
     "HEADS_DIR", "HEAD_RELOAD_SECONDS", "TRAIN_AFTER_ANNOTATIONS", "TRAIN_STEPS", "TRAIN_MARGIN",
     "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT", "JOB_MAX_RETRIES", "MAX_REQUEST_BYTES", "MAX_TASKS_PER_REQUEST",
     "WEBHOOK_SECRET", "METRICS_AUTH", "MAX_CONCURRENT_ENCODES", "ENCODE_WAIT",
+    "ZOOM_THRESHOLD", "ZOOM_MAX", "ZOOM_MAX_WINDOWS", "ZOOM_MIN_SIDE", "ZOOM_EDGES", "WARM_WINDOWS", "PRELABEL_TILES",
 )
 
 
@@ -80,6 +83,13 @@ class Settings:
     metrics_auth: bool = False
     max_concurrent_encodes: int = 1  # per process: each takes GBs of memory and every core
     encode_wait: float = 60.0  # seconds a click waits for an encode slot or another process's encode
+    zoom_threshold: float = 0.25  # prompts spanning at most this fraction of the long side get a zoom window; 0: off
+    zoom_max: int = 4  # a window sees at most this many times finer than the encoder's native resolution
+    zoom_max_windows: int = 32  # windows one click may decode (a long crack, a large object's edges)
+    zoom_min_side: int = 2048  # images shorter than this on their long side keep the whole-image path
+    zoom_edges: str = "cached"  # large objects' edges from native windows: cached ones only, always, or off
+    warm_windows: bool = False  # warming (warm, prefetch, webhooks) embeds the native window grid too
+    prelabel_tiles: bool = True  # drafts of images >= zoom_min_side are made tile by tile
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -118,6 +128,15 @@ class Settings:
         output_type = text("OUTPUT_TYPE", d.output_type).lower()
         if output_type not in OUTPUT_TYPES:
             raise SettingsError(f"OUTPUT_TYPE={output_type!r} must be one of {', '.join(OUTPUT_TYPES)}")
+        zoom_edges = text("ZOOM_EDGES", d.zoom_edges).lower()
+        if zoom_edges not in ZOOM_EDGES:
+            raise SettingsError(f"ZOOM_EDGES={zoom_edges!r} must be one of {', '.join(ZOOM_EDGES)}")
+        zoom_max = number("ZOOM_MAX", d.zoom_max, minimum=1)
+        if zoom_max not in ZOOM_MAXIMA:
+            raise SettingsError(f"ZOOM_MAX={zoom_max} must be one of {', '.join(map(str, ZOOM_MAXIMA))}")
+        zoom_threshold = number("ZOOM_THRESHOLD", d.zoom_threshold, kind=float, minimum=0.0)
+        if zoom_threshold > 1:
+            raise SettingsError(f"ZOOM_THRESHOLD={zoom_threshold:g} is a fraction of the image's long side: 0 to 1")
         device = text("DEVICE", d.device).lower()
         if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
             raise SettingsError(f"DEVICE={device!r} must be auto, cpu, cuda or cuda:N")
@@ -191,6 +210,13 @@ class Settings:
             metrics_auth=flag("METRICS_AUTH", d.metrics_auth),
             max_concurrent_encodes=number("MAX_CONCURRENT_ENCODES", d.max_concurrent_encodes, minimum=1),
             encode_wait=number("ENCODE_WAIT", d.encode_wait, kind=float, minimum=0.0),
+            zoom_threshold=zoom_threshold,
+            zoom_max=zoom_max,
+            zoom_max_windows=number("ZOOM_MAX_WINDOWS", d.zoom_max_windows, minimum=1),
+            zoom_min_side=number("ZOOM_MIN_SIDE", d.zoom_min_side, minimum=1),
+            zoom_edges=zoom_edges,
+            warm_windows=flag("WARM_WINDOWS", d.warm_windows),
+            prelabel_tiles=flag("PRELABEL_TILES", d.prelabel_tiles),
         )
 
     @property

@@ -25,8 +25,28 @@ from model.windows import Window
 @dataclasses.dataclass
 class TileObject:
     window: Window
-    mask: np.ndarray  # bool over the window's rectangle, full resolution
+    mask: np.ndarray  # bool patch at full resolution, inside the window's rectangle
     score: float
+    x0: int | None = None  # the patch's place (default: the window's corner, the patch its whole rectangle)
+    y0: int | None = None
+
+    def __post_init__(self):
+        self.x0 = self.window.x0 if self.x0 is None else self.x0
+        self.y0 = self.window.y0 if self.y0 is None else self.y0
+
+    @classmethod
+    def cropped(cls, window: Window, mask: np.ndarray, score: float) -> "TileObject | None":
+        """An object from a mask over the whole window, kept as its bounding box (tiles hold many objects)."""
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if len(rows) == 0:
+            return None
+        patch = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].copy()
+        return cls(window, patch, score, window.x0 + int(cols[0]), window.y0 + int(rows[0]))
+
+    @property
+    def rect(self) -> tuple[int, int, int, int]:
+        h, w = self.mask.shape
+        return self.x0, self.y0, self.x0 + w, self.y0 + h
 
 
 @dataclasses.dataclass
@@ -62,9 +82,14 @@ class _Sets:
 
 
 def _part(obj: TileObject, rect) -> np.ndarray:
+    """The object's pixels over `rect` (zero where its patch does not reach)."""
     x0, y0, x1, y1 = rect
-    w = obj.window
-    return obj.mask[y0 - w.y0:y1 - w.y0, x0 - w.x0:x1 - w.x0]
+    out = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    px0, py0, px1, py1 = obj.rect
+    ix0, iy0, ix1, iy1 = max(x0, px0), max(y0, py0), min(x1, px1), min(y1, py1)
+    if ix1 > ix0 and iy1 > iy0:
+        out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = obj.mask[iy0 - py0:iy1 - py0, ix0 - px0:ix1 - px0]
+    return out
 
 
 def same_object(a: TileObject, b: TileObject, min_overlap: float = 0.5) -> bool:
@@ -73,6 +98,9 @@ def same_object(a: TileObject, b: TileObject, min_overlap: float = 0.5) -> bool:
     rect = a.window.intersection(b.window)
     if rect is None:
         return False
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.rect, b.rect
+    if min(ax1, bx1) <= max(ax0, bx0) or min(ay1, by1) <= max(ay0, by0):
+        return False  # their boxes do not even meet
     pa, pb = _part(a, rect), _part(b, rect)
     inter = np.count_nonzero(pa & pb)
     if inter == 0:
@@ -103,26 +131,27 @@ def merge_tiles(objects: list[TileObject], image_size: tuple[int, int], min_area
         pieces = []
         for i in members:
             obj = objects[i]
-            keep = owned[index[obj.window]].copy()
+            px0, py0, px1, py1 = obj.rect
+            w = obj.window
+            keep = owned[index[w]][py0 - w.y0:py1 - w.y0, px0 - w.x0:px1 - w.x0].copy()
             # where a neighbour owns the pixels but never saw this object, this tile's view stands
             for other in windows:
-                if other == obj.window or other in seen_by[i]:
+                if other == w or other in seen_by[i]:
                     continue
-                rect = obj.window.intersection(other)
-                if rect is None:
+                x0, y0 = max(px0, other.x0), max(py0, other.y0)
+                x1, y1 = min(px1, other.x1), min(py1, other.y1)
+                if x1 <= x0 or y1 <= y0:
                     continue
-                x0, y0, x1, y1 = rect
-                w = obj.window
                 theirs = owned[index[other]][y0 - other.y0:y1 - other.y0, x0 - other.x0:x1 - other.x0]
-                keep[y0 - w.y0:y1 - w.y0, x0 - w.x0:x1 - w.x0] |= theirs
-            pieces.append((obj.window, obj.mask & keep))
-        x0 = min(w.x0 for w, _ in pieces)
-        y0 = min(w.y0 for w, _ in pieces)
-        x1 = max(w.x1 for w, _ in pieces)
-        y1 = max(w.y1 for w, _ in pieces)
+                keep[y0 - py0:y1 - py0, x0 - px0:x1 - px0] |= theirs
+            pieces.append((obj.rect, obj.mask & keep))
+        x0 = min(r[0] for r, _ in pieces)
+        y0 = min(r[1] for r, _ in pieces)
+        x1 = max(r[2] for r, _ in pieces)
+        y1 = max(r[3] for r, _ in pieces)
         patch = np.zeros((y1 - y0, x1 - x0), dtype=bool)
-        for w, m in pieces:
-            patch[w.y0 - y0:w.y1 - y0, w.x0 - x0:w.x1 - x0] |= m
+        for (rx0, ry0, rx1, ry1), m in pieces:
+            patch[ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0] |= m
         rows, cols = np.flatnonzero(patch.any(1)), np.flatnonzero(patch.any(0))
         if len(rows) == 0:
             continue

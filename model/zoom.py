@@ -30,7 +30,7 @@ import numpy as np
 from model.paste import input_mask_at_original, window_mask
 from model.prompts import ModelPrompt, Prompt
 from model.window_merge import margins, merge
-from model.windows import Window, core_windows, levels, window_for_box
+from model.windows import Window, core_windows, levels, window_for_box, with_context
 
 PATH_WHOLE, PATH_ZOOM, PATH_EDGES = "whole", "zoom", "edges"
 
@@ -87,6 +87,7 @@ class ZoomAnswer:
     path: str  # PATH_WHOLE, PATH_ZOOM or PATH_EDGES
     windows: list[Window]  # windows decoded (the whole image not counted)
     whole_logits: np.ndarray | None = None  # the whole-image answer (low-res), when it was decoded
+    encoded: int = 0  # windows embedded for this answer (the caller counts: only it knows its cache)
 
 
 Embed = Callable[[Window], object]
@@ -196,7 +197,7 @@ def _deepest(mask: np.ndarray) -> tuple[int, int]:
 def continuations(window: Window, mask: np.ndarray, image_size: tuple[int, int]) -> list[tuple[Window, np.ndarray]]:
     """Grid windows (same side) the mask runs on into across an edge of `window` that is not the
     image border, each with a seed point: the mask's deepest pixel inside that window."""
-    band = max(1, window.side // 8)
+    band = max(2, window.side // 128)  # two answer cells: the mask runs into the edge, not just near it
     touching = mask & (margins(window, window.rect, image_size) < band)
     if not touching.any():
         return []
@@ -215,9 +216,18 @@ def continuations(window: Window, mask: np.ndarray, image_size: tuple[int, int])
     return out
 
 
+def _inside(window: Window, rect) -> np.ndarray:
+    """Which pixels of the window lie inside the full-resolution rectangle (x0, y0, x1, y1)."""
+    xs = np.arange(window.x0, window.x1) + 0.5
+    ys = np.arange(window.y0, window.y1) + 0.5
+    return np.outer((ys >= rect[1]) & (ys < rect[3]), (xs >= rect[0]) & (xs < rect[2]))
+
+
 def trace(prompt: PixelPrompt, start: Window, image_size: tuple[int, int], embed: Embed, decode: Decode,
-          max_windows: int) -> tuple[list[tuple[Window, np.ndarray]], float]:
-    """Decode `start`, then the windows the mask runs on into, breadth first; returns each window's mask."""
+          max_windows: int, context: float = 0.25) -> tuple[list[tuple[Window, np.ndarray]], float]:
+    """Decode `start`, then the windows the mask runs on into, breadth first; returns each window's mask.
+    With a box, masks end at the box grown by `context` (an annotator's box is a little tight at times)."""
+    limit = None if prompt.box is None else with_context(prompt.box, image_size, context)
     queue: list[tuple[Window, np.ndarray | None]] = [(start, None)]
     seen = {start}
     pieces, score = [], None
@@ -228,10 +238,12 @@ def trace(prompt: PixelPrompt, start: Window, image_size: tuple[int, int], embed
             continue
         low_res, window_score = decode(embed(window), window_prompt)
         mask = window_mask(low_res, window)
+        if limit is not None:
+            mask &= _inside(window, limit)
         pieces.append((window, mask))
         score = window_score if score is None else score
         for other, seed in continuations(window, mask, image_size):
-            if prompt.box is not None and other.box_to_frame(prompt.box) is None:
+            if limit is not None and other.box_to_frame(limit) is None:
                 continue  # the annotator's box says the object ends there
             if other not in seen:
                 seen.add(other)
@@ -306,7 +318,7 @@ def answer(prompt: PixelPrompt, image_size: tuple[int, int], input_side: int, co
             start = window_for_box((x, y, x, y), image_size, input_side, config.max_zoom,
                                    min(input_side, max(image_size) // 2), config.context)
     if start is not None:
-        pieces, score = trace(prompt, start, image_size, embed, decode, config.max_windows)
+        pieces, score = trace(prompt, start, image_size, embed, decode, config.max_windows, config.context)
         if pieces:
             return ZoomAnswer(merge(pieces, image_size), score, PATH_ZOOM, [w for w, _ in pieces], whole_low)
         if whole_low is None:

@@ -195,11 +195,16 @@ def requeue_abandoned(connection: redis.Redis, queue_names: list[str], max_retri
     return done
 
 
+# a 20 MP image drafted tile by tile (PRELABEL_TILES) or warmed with its windows (WARM_WINDOWS) costs
+# 70 window encodes: 20-40 minutes on a 2-core CPU. A dead worker is noticed by its heartbeat, not this.
+IMAGE_JOB_TIMEOUT = 4 * 3600
+
+
 def enqueue_warm(connection: redis.Redis, model_id: str, urls: list[str]) -> int:
     """Queue an embedding job per image URL. Returns how many were queued now."""
     states = [
         enqueue_unique(connection, WARM_QUEUE, "backend.jobs.tasks.warm_image", (url,), warm_job_id(model_id, url),
-                       f"embed {display_url(url)}")
+                       f"embed {display_url(url)}", IMAGE_JOB_TIMEOUT)
         for url in dict.fromkeys(urls)
     ]
     return sum(state != "waiting" for state in states)
@@ -208,7 +213,8 @@ def enqueue_warm(connection: redis.Redis, model_id: str, urls: list[str]) -> int
 def enqueue_prelabel(connection: redis.Redis, model_id: str, project_id: int, task_ids: list[int]) -> int:
     states = [
         enqueue_unique(connection, PRELABEL_QUEUE, "backend.jobs.tasks.prelabel_task", (project_id, task_id),
-                       prelabel_job_id(model_id, task_id), f"pre-label task {task_id} of project {project_id}")
+                       prelabel_job_id(model_id, task_id), f"pre-label task {task_id} of project {project_id}",
+                       IMAGE_JOB_TIMEOUT)
         for task_id in dict.fromkeys(task_ids)
     ]
     return sum(state != "waiting" for state in states)

@@ -22,9 +22,12 @@ def warm_image(services: Services, url: str) -> dict:
     with queues.heartbeat(services.redis):
         services.load_shared_setup()
         embedding = services.embedder.for_url(url)
+        windows = 0
+        if services.settings.warm_windows and services.predictor.zoom.applies(embedding.original_size):
+            windows = services.predictor.zoom.warm(url, embedding.original_size)  # WARM_WINDOWS: the window grid too
     queues.count_done(services.redis, queues.WARM_QUEUE)
     height, width = embedding.original_size
-    return {"width": width, "height": height}
+    return {"width": width, "height": height, "windows_embedded": windows}
 
 
 def warm_next_tasks(services: Services, project_id: int, task_id: int, count: int) -> dict:

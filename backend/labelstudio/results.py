@@ -57,3 +57,35 @@ def polygon_regions(
         value = {"points": points, "closed": True, "polygonlabels": [label]}
         regions.append(_region(tag, to_name, original_size, value, score))
     return regions
+
+
+def _meta_region(tag: OutputTag, to_name: str, original_size, value: dict, score: float, meta: dict | None) -> dict:
+    region = _region(tag, to_name, original_size, value, score)
+    if meta:
+        region["meta"] = dict(meta)  # Label Studio keeps a region's meta through editing and submit
+    return region
+
+
+def brush_region_from_mask(tag: OutputTag, to_name: str, label: str, mask: np.ndarray, score: float,
+                           meta: dict | None = None) -> dict:
+    """A brush region from a full-resolution mask (the zoom path's, already pixel-accurate)."""
+    value = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
+    return _meta_region(tag, to_name, mask.shape, value, score, meta)
+
+
+def polygon_regions_from_mask(tag: OutputTag, to_name: str, label: str, mask: np.ndarray, score: float,
+                              tolerance: float, min_area: float, meta: dict | None = None) -> list[dict]:
+    """Polygons traced on a full-resolution mask (tolerance and min_area in its pixels), on the mask's
+    bounding box only: a 12 px pit on a 20 MP photo costs microseconds, not a 20 MP contour search."""
+    height, width = mask.shape
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if len(rows) == 0:
+        return []
+    y0, x0 = int(rows[0]), int(cols[0])
+    part = np.pad(mask[y0:int(rows[-1]) + 1, x0:int(cols[-1]) + 1], 1)  # contours never touch the crop's border
+    regions = []
+    for poly in masks.polygons(part, tolerance, min_area):
+        points = ((poly + np.array([x0 - 0.5, y0 - 0.5])) / np.array([width, height]) * 100.0).round(5).tolist()
+        value = {"points": points, "closed": True, "polygonlabels": [label]}
+        regions.append(_meta_region(tag, to_name, (height, width), value, score, meta))
+    return regions

@@ -107,6 +107,18 @@ class EmbeddingCache:
     def key(model_id: str, digest: str) -> str:
         return f"{_PREFIX}:emb:{model_id}:{digest}"
 
+    @classmethod
+    def window_key(cls, model_id: str, digest: str, window: str) -> str:
+        """A zoom window's embedding (model.windows.Window.key names the window): beside its image's."""
+        return f"{cls.key(model_id, digest)}:win:{window}"
+
+    def has(self, key: str) -> bool:
+        """Whether an embedding is cached (here or in Redis), without fetching it."""
+        with self._lock:
+            if key in self._lru:
+                return True
+        return bool(self._redis("EXISTS", lambda c: c.exists(key)))
+
     def get(self, key: str) -> Embedding | None:
         with self._lock:
             found = self._lru.get(key)
@@ -276,16 +288,21 @@ class Embedder:
 
     def for_bytes(self, data: bytes, digest: str, timings: Timings) -> Embedding:
         key = self.cache.key(self.loader.model_id, digest)
+        return self.shared(key, lambda: self._encode(key, digest, data, timings))
+
+    def shared(self, key: str, encode) -> Embedding:
+        """The embedding cached under `key`, else `encode()` (which stores it) run once: once per
+        process, once across processes (a claim), within MAX_CONCURRENT_ENCODES. Zoom windows too."""
         found = self.cache.get(key)
         if found is not None:
             return found
         with self._lock_for(key):  # two clicks on a new image must not encode it twice
-            embedding = self._shared_or_encoded(key, digest, data, timings)
+            embedding = self._shared_or_encoded(key, encode)
         with self._locks_guard:
             self._locks.pop(key, None)
         return embedding
 
-    def _shared_or_encoded(self, key: str, digest: str, data: bytes, timings: Timings) -> Embedding:
+    def _shared_or_encoded(self, key: str, encode) -> Embedding:
         """An encode in flight anywhere (any process, any machine sharing the cache) is waited for, not
         run twice; one whose encoder died (its claim stops being refreshed) is taken over."""
         deadline = time.monotonic() + self.settings.encode_wait
@@ -306,7 +323,7 @@ class Embedder:
                 raise Busy(f"{self.settings.max_concurrent_encodes} image(s) are being embedded in this process "
                            f"(MAX_CONCURRENT_ENCODES); try again shortly", retry_after=5)
             try:
-                return self._encode(key, digest, data, timings)
+                return encode()
             finally:
                 self._encode_slots.release()
         finally:

@@ -472,3 +472,21 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         raise UnsupportedInput(f"cannot decode the image: not a {_FORMATS} file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UnsupportedInput(f"cannot decode the image ({_FORMATS}): {exc}") from exc
+
+
+def decode_full_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """RGB uint8 at full resolution, as a browser shows it (EXIF orientation, alpha over white):
+    zoom windows are cut from it. Same checks and errors as decode_image."""
+    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<") and b"<svg" in head:
+        raise UnsupportedInput("SVG images are not supported: export the image as PNG or JPEG")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; MAX_IMAGE_PIXELS is {max_pixels}")
+        return np.asarray(_as_browser_shows(ImageOps.exif_transpose(image)).convert("RGB"))
+    except UnidentifiedImageError:
+        raise UnsupportedInput(f"cannot decode the image: not a {_FORMATS} file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnsupportedInput(f"cannot decode the image ({_FORMATS}): {exc}") from exc
