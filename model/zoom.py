@@ -152,11 +152,14 @@ def first_window(prompt: PixelPrompt, image_size: tuple[int, int], input_side: i
     return window_for_box(extent, image_size, input_side, config.max_zoom, largest, config.context)
 
 
-def _box_in_frame(prompt: PixelPrompt, whole: Window) -> tuple[int, int, int, int] | None:
-    """The prompt's box as a slice of the whole-image frame (input pixels), None without a box."""
+def _box_in_frame(prompt: PixelPrompt, window: Window) -> tuple[int, int, int, int] | None:
+    """The prompt's box clipped to the window, in its frame (input pixels); None without a box or outside."""
     if prompt.box is None:
         return None
-    x0, y0, x1, y1 = whole.to_frame(np.asarray(prompt.box).reshape(2, 2)).reshape(4)
+    framed = window.box_to_frame(prompt.box)
+    if framed is None:
+        return None
+    x0, y0, x1, y1 = framed
     return int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)), int(np.ceil(y1))
 
 
@@ -170,22 +173,32 @@ def answered_inside(whole_input_mask: np.ndarray, whole: Window, prompt: PixelPr
     return clicked_extent(whole_input_mask, whole, prompt) is not None
 
 
-def most_confident(low_res: np.ndarray, whole: Window, prompt: PixelPrompt) -> tuple[float, float]:
+def most_confident(low_res: np.ndarray, window: Window, prompt: PixelPrompt) -> tuple[float, float]:
     """Full-resolution centre of the low-res cell the decoder is most sure of inside the prompt's box
-    (without a box: the first positive click)."""
-    box = _box_in_frame(prompt, whole)
+    (clipped to the window; without a box: the first positive click)."""
+    box = _box_in_frame(prompt, window)
     if box is None:
         x, y = (prompt.positives if len(prompt.positives) else prompt.points)[0]
         return float(x), float(y)
-    cell = whole.input_side / low_res.shape[1]
+    cell = window.input_side / low_res.shape[1]
     x0, y0, x1, y1 = box
     c0, r0 = max(int(x0 // cell), 0), max(int(y0 // cell), 0)
     c1, r1 = max(int(np.ceil(x1 / cell)), c0 + 1), max(int(np.ceil(y1 / cell)), r0 + 1)
     part = low_res[r0:r1, c0:c1]
     r, c = np.unravel_index(int(np.argmax(part)), part.shape)
-    x, y = whole.from_frame(np.array([(c0 + c + 0.5) * cell, (r0 + r + 0.5) * cell]))
+    x, y = window.from_frame(np.array([(c0 + c + 0.5) * cell, (r0 + r + 0.5) * cell]))
     bx0, by0, bx1, by1 = prompt.box
     return float(np.clip(x, bx0, bx1 - 1e-6)), float(np.clip(y, by0, by1 - 1e-6))
+
+
+def width_and_core(mask: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """The widest part of a full-resolution mask (twice its largest inscribed radius, pixels) and
+    that part's centre (continuous coordinates)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    part = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    dist = cv2.distanceTransform(np.pad(part.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return 2.0 * float(dist[y, x]), (float(cols[0] + x + 0.5), float(rows[0] + y + 0.5))
 
 
 def _deepest(mask: np.ndarray) -> tuple[int, int]:
@@ -224,13 +237,14 @@ def _inside(window: Window, rect) -> np.ndarray:
 
 
 def trace(prompt: PixelPrompt, start: Window, image_size: tuple[int, int], embed: Embed, decode: Decode,
-          max_windows: int, context: float = 0.25) -> tuple[list[tuple[Window, np.ndarray]], float]:
-    """Decode `start`, then the windows the mask runs on into, breadth first; returns each window's mask.
-    With a box, masks end at the box grown by `context` (an annotator's box is a little tight at times)."""
+          max_windows: int, context: float = 0.25, seeds: np.ndarray | None = None):
+    """Decode `start` (with extra positive `seeds`), then the windows the mask runs on into, breadth
+    first. Returns each window's mask, the first window's score and its low-res logits. With a box,
+    masks end at the box grown by `context` (an annotator's box is a little tight at times)."""
     limit = None if prompt.box is None else with_context(prompt.box, image_size, context)
-    queue: list[tuple[Window, np.ndarray | None]] = [(start, None)]
+    queue: list[tuple[Window, np.ndarray | None]] = [(start, seeds)]
     seen = {start}
-    pieces, score = [], None
+    pieces, score, first_low = [], None, None
     while queue and len(pieces) < max_windows:
         window, seeds = queue.pop(0)
         window_prompt = prompt.in_window(window, seeds)
@@ -241,14 +255,31 @@ def trace(prompt: PixelPrompt, start: Window, image_size: tuple[int, int], embed
         if limit is not None:
             mask &= _inside(window, limit)
         pieces.append((window, mask))
-        score = window_score if score is None else score
+        if score is None:
+            score, first_low = window_score, low_res
         for other, seed in continuations(window, mask, image_size):
             if limit is not None and other.box_to_frame(limit) is None:
                 continue  # the annotator's box says the object ends there
             if other not in seen:
                 seen.add(other)
                 queue.append((other, seed))
-    return pieces, 0.0 if score is None else float(score)
+    return pieces, 0.0 if score is None else float(score), first_low
+
+
+def finer(prompt: PixelPrompt, start: Window, pieces, first_low, image_size: tuple[int, int], config: ZoomConfig):
+    """Where to look again at the finest zoom, or None: when the window's answer is empty, or thinner
+    than three of its cells (a 3 px scratch inside a box that fits a native window is half-lost on its
+    4 px cells), the structure is followed from its widest point (or, empty, the most confident cell)."""
+    finest = levels(image_size, start.input_side, config.max_zoom)
+    if not finest or start.side <= finest[0] or first_low is None:
+        return None
+    merged = merge(pieces, image_size) if pieces else None
+    if merged is None or not merged.any():
+        return most_confident(first_low, start, prompt)
+    width, core = width_and_core(merged)
+    if width < 3 * start.cell_size(first_low.shape[1]):
+        return core
+    return None
 
 
 def edge_windows(whole_input_mask: np.ndarray, whole: Window, side: int) -> list[Window]:
@@ -318,7 +349,15 @@ def answer(prompt: PixelPrompt, image_size: tuple[int, int], input_side: int, co
             start = window_for_box((x, y, x, y), image_size, input_side, config.max_zoom,
                                    min(input_side, max(image_size) // 2), config.context)
     if start is not None:
-        pieces, score = trace(prompt, start, image_size, embed, decode, config.max_windows, config.context)
+        pieces, score, first_low = trace(prompt, start, image_size, embed, decode, config.max_windows, config.context)
+        seed = finer(prompt, start, pieces, first_low, image_size, config)
+        if seed is not None:
+            fine = window_for_box((*seed, *seed), image_size, input_side, config.max_zoom, start.side // 2, config.context)
+            if fine is not None:
+                more, fine_score, _ = trace(prompt, fine, image_size, embed, decode,
+                                            max(config.max_windows - len(pieces), 1), config.context, np.array([seed]))
+                if more and any(m.any() for _, m in more):
+                    pieces, score = more, fine_score
         if pieces:
             return ZoomAnswer(merge(pieces, image_size), score, PATH_ZOOM, [w for w, _ in pieces], whole_low)
         if whole_low is None:

@@ -43,7 +43,7 @@ def protocol_body(name: str) -> dict:
 # unit: no services; integration: a real Redis, RQ workers, or our server in a subprocess;
 # e2e: a real Label Studio (tests/e2e). `pytest -m "not e2e"` runs the fast part.
 _INTEGRATION_FIXTURES = {"redis_server", "redis_url", "settings", "client", "make_client"}
-_INTEGRATION_MODULES = {"test_serve", "test_jobs", "test_load", "test_redis_roles"}
+_INTEGRATION_MODULES = {"test_serve", "test_jobs", "test_load", "test_redis_roles", "test_bench_fidelity"}
 
 
 def pytest_collection_modifyitems(config, items):

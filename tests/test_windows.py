@@ -358,3 +358,16 @@ def test_an_object_only_one_tile_saw_keeps_its_pixels_where_the_other_tile_decid
     truth[100:120, 150:250] = True  # across the split at x = 192
     merged = merge_tiles([TileObject(a, a.crop(truth).copy(), 0.9)], size)  # b found nothing
     assert len(merged) == 1 and np.array_equal(merged[0].full(size), truth)
+
+
+def test_a_thin_line_in_a_box_that_fits_a_native_window_is_looked_at_again_at_the_finest_zoom():
+    truth = np.zeros(SIZE, dtype=bool)
+    cv2.line(truth.view(np.uint8), (2000, 1500), (2350, 1620), 1, 1)  # 1-2 px: half-lost on 4 px cells
+    stand_in = PerfectDecoder(truth, S)
+    ys, xs = np.nonzero(truth)
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=float)
+    found = answer(PixelPrompt(np.zeros((0, 2)), np.zeros(0, np.int64), box), SIZE, S, ZoomConfig(),
+                   stand_in.embed, stand_in.decode, lambda: (_ for _ in ()).throw(AssertionError("not needed")))
+    assert stand_in.embedded[0].side == 1024  # the box fits a native window: looked at there first
+    assert found.path == PATH_ZOOM and all(w.side == 256 for w in found.windows)
+    assert np.array_equal(found.mask, truth)

@@ -116,6 +116,12 @@ def cmd_bench_prelabel(args) -> int:
     return _bench(run_prelabel_bench, print_prelabel_table, args)
 
 
+def cmd_bench_fidelity(args) -> int:
+    from backend.bench.fidelity import print_fidelity_table, run_fidelity_bench
+
+    return _bench(run_fidelity_bench, print_fidelity_table, args, lambda f: all(t["met"] for t in f["targets"].values()))
+
+
 def cmd_bench_load(args) -> int:
     from backend.bench.load import print_load_table, run_load_bench
 
@@ -191,7 +197,7 @@ def _weights_options(parser) -> None:
 
 
 def _add_bench_commands(sub) -> None:
-    """bench click | learn | prelabel | load."""
+    """bench click | learn | prelabel | fidelity | load."""
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     click = bench_sub.add_parser("click", help="cold and warm click latency through the real HTTP stack")
@@ -224,6 +230,26 @@ def _add_bench_commands(sub) -> None:
     pre.add_argument("--device", default="auto")
     pre.add_argument("--label-studio-venv", help="virtualenv holding label-studio (default ./.ls-venv)")
     pre.set_defaults(func=cmd_bench_prelabel)
+
+    fid = bench_sub.add_parser("fidelity", help="mask fidelity on synthetic 20 MP screens: whole-image vs zoom path "
+                                                 "(stand-in decoder: the ceiling), and zoomed click latency")
+    _weights_options(fid)
+    fid.add_argument("--checkpoint", help="time clicks with this SAM checkpoint instead of --random-weights")
+    fid.add_argument("--screens", type=int, default=2, help="synthetic screens (11 defects each)")
+    fid.add_argument("--width", type=int, default=5472)
+    fid.add_argument("--height", type=int, default=3648)
+    fid.add_argument("--input-side", type=int, default=1024, help="the stand-in encoder's input side")
+    fid.add_argument("--threshold", type=float, default=0.25, help="ZOOM_THRESHOLD")
+    fid.add_argument("--max-zoom", type=int, default=4, help="ZOOM_MAX")
+    fid.add_argument("--max-windows", type=int, default=32, help="ZOOM_MAX_WINDOWS")
+    fid.add_argument("--no-edges", action="store_true", help="no edge windows for large objects")
+    fid.add_argument("--no-timing", dest="timing", action="store_false",
+                     help="only the fidelity figures (no server, no SAM)")
+    fid.add_argument("--cold", type=int, default=3, help="cold zoomed clicks (one window encode each)")
+    fid.add_argument("--warm", type=int, default=20, help="warm zoomed clicks per output")
+    fid.add_argument("--threads", type=int, default=4)
+    fid.add_argument("--device", default="auto")
+    fid.set_defaults(func=cmd_bench_fidelity)
 
     load = bench_sub.add_parser("load", help="simulated annotators on the real stack, with optional faults")
     _weights_options(load)
