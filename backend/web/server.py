@@ -42,7 +42,9 @@ def gunicorn_options(settings: Settings) -> dict:
         "bind": f"{settings.host}:{settings.port}",
         "workers": settings.workers,
         "threads": settings.threads,
-        "worker_class": "gthread",
+        # gthread, but a request reaches a thread only once it has arrived whole: a client trickling
+        # its body holds no thread (backend/web/buffered_worker.py)
+        "worker_class": "backend.web.buffered_worker.BufferingThreadWorker",
         # Label Studio reuses a connection after 1-3 s idle; gunicorn's default keep-alive (2 s) closed
         # it under the client's feet and the click was lost (Label Studio does not retry a POST)
         "keepalive": 75,
