@@ -35,6 +35,7 @@ class _Stats:
         self.errors: Counter = Counter()
         self.wrong = 0
         self.expected_refusals = 0
+        self.slow_cut_off = 0
         self.references: dict[tuple, list] = {}
 
     def check(self, key: tuple, size: tuple[int, int], body: dict) -> bool:
@@ -71,16 +72,20 @@ def _hung_host() -> tuple[socket.socket, str]:
     return server, f"http://127.0.0.1:{server.getsockname()[1]}"
 
 
-def _slow_client(port: int, stop: threading.Event) -> None:
-    """Sends the start of a request body, then a byte now and then: never finishes."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100000\r\n\r\n{")
-            while not stop.wait(2):
-                sock.sendall(b" ")
-    except OSError:
-        pass  # the server gave up on us: what a server should do
+def _slow_client(port: int, stats: _Stats, stop: threading.Event) -> None:
+    """Sends the start of a request body, then a byte now and then: never finishes. When the server
+    cuts it off (REQUEST_READ_TIMEOUT), it connects again: the fault lasts the whole run."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100000\r\n\r\n{")
+                while not stop.wait(2):
+                    sock.sendall(b" ")
+        except OSError:  # the server gave up on us: what a server should do
+            with stats.lock:
+                stats.slow_cut_off += 1
+            stop.wait(0.5)
 
 
 def _annotator(base: str, images: list[tuple[str, tuple[int, int]]], stats: _Stats, stop: threading.Event,
@@ -177,7 +182,7 @@ def run_load_bench(args) -> dict:
         stats, stop = _Stats(), threading.Event()
         threads = [threading.Thread(target=_annotator, args=(base, images, stats, stop, args.think_range, i),
                                     daemon=True) for i in range(args.annotators)]
-        threads += [threading.Thread(target=_slow_client, args=(port, stop), daemon=True)
+        threads += [threading.Thread(target=_slow_client, args=(port, stats, stop), daemon=True)
                     for _ in range(args.slow_clients)]
         if args.hung_image_host:
             threads.append(threading.Thread(target=_hung_clicker, args=(base, hung_base + "/img.jpg", stats, stop),
@@ -210,7 +215,7 @@ def run_load_bench(args) -> dict:
             "single_user_warm_p50_ms": round(single, 1),
             "p95_over_single_p50": round(_percentile(lat, 95) / single, 2) if single else None,
             "failed": sum(stats.errors.values()), "errors": dict(stats.errors), "wrong": stats.wrong,
-            "hung_host_refusals": stats.expected_refusals,
+            "hung_host_refusals": stats.expected_refusals, "slow_clients_cut_off": stats.slow_cut_off,
         }
     finally:
         if proc is not None:
@@ -230,7 +235,8 @@ def print_load_table(f: dict) -> None:
             ("single-user warm p50 ms", f["single_user_warm_p50_ms"]),
             ("p95 / single-user p50", f["p95_over_single_p50"]),
             ("failed clicks", f"{f['failed']} {json.dumps(f['errors']) if f['errors'] else ''}"),
-            ("wrong answers", f["wrong"]), ("hung-host clicks refused (502)", f["hung_host_refusals"])]
+            ("wrong answers", f["wrong"]), ("hung-host clicks refused (502)", f["hung_host_refusals"]),
+            ("slow clients cut off (408)", f["slow_clients_cut_off"])]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
