@@ -58,6 +58,15 @@ def gunicorn_options(settings: Settings) -> dict:
     }
 
 
+def web_torch_threads(settings: Settings, cpus: int | None = None) -> int:
+    """torch / ONNX Runtime threads per web worker: TORCH_THREADS, or the cores divided among the
+    worker processes. The libraries' default is every core in every process: with two workers on
+    two cores, two clicks at once ran four busy threads on two cores and every click waited."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, (cpus or os.cpu_count() or 1) // settings.workers)
+
+
 def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -82,9 +91,12 @@ def serve(settings: Settings) -> int:
         subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "worker"], env=os.environ.copy())
         for _ in range(settings.warm_workers)
     ]
+    # after the RQ workers have their environment: they encode alone and keep every core
+    os.environ["TORCH_THREADS"] = str(web_torch_threads(settings))
     try:
-        log.info("serving SAM on http://%s:%d (%d workers x %d threads, %d embedding workers)", settings.host,
-                 settings.port, settings.workers, settings.threads, len(workers))
+        log.info("serving SAM on http://%s:%d (%d workers x %d threads, %s torch threads each, %d embedding "
+                 "workers)", settings.host, settings.port, settings.workers, settings.threads,
+                 os.environ["TORCH_THREADS"], len(workers))
         GunicornApp(gunicorn_options(settings)).run()
     finally:
         for worker in workers:
