@@ -23,7 +23,8 @@ import requests
 from backend.bench.click import (_ImageHandler, _TOKEN, SIZES, _click_body, _percentile, _wait_health,
                                  bench_checkpoint, free_port, synthetic_jpeg)
 from backend.web.embedded_redis import EmbeddedRedis, start_embedded
-from backend.web.server import stop_process
+from backend.settings import Settings
+from backend.web.server import stop_process, web_torch_threads
 
 PROMPTS = [(30.0, 40.0), (50.0, 50.0), (70.0, 35.0), (45.0, 70.0)]  # a few clicks per image, repeated
 
@@ -174,9 +175,13 @@ def run_load_bench(args) -> dict:
         base = f"http://127.0.0.1:{port}"
         _wait_health(base, proc)
         model_version = requests.get(base + "/health", timeout=10).json()["model_version"]
-        print(f"embedding {len(images)} images (cold clicks, not measured) ...", flush=True)
+        # every prompt once: a click on a large image is answered on a zoom window around it, encoded
+        # on its first click (warm clicks are measured here, not window encodes)
+        print(f"embedding {len(images)} images and their prompts' zoom windows (cold clicks, not measured) ...",
+              flush=True)
         for url, size in images:
-            requests.post(base + "/predict", json=_click_body(url, "brush", 50, 50, size), timeout=900)
+            for x, y in PROMPTS:
+                requests.post(base + "/predict", json=_click_body(url, "brush", x, y, size), timeout=900)
         single = _single_user_p50(base, images, args.baseline_clicks)
 
         stats, stop = _Stats(), threading.Event()
@@ -206,7 +211,8 @@ def run_load_bench(args) -> dict:
         clicks = len(lat) + stats.wrong + sum(stats.errors.values())
         return {
             "model_version": model_version, "random_weights": bool(args.random_weights), "workers": args.workers,
-            "threads": args.threads, "annotators": args.annotators, "duration_s": round(elapsed, 1),
+            "threads": args.threads, "web_torch_threads": web_torch_threads(
+                Settings.from_env().replace(workers=args.workers)), "annotators": args.annotators, "duration_s": round(elapsed, 1),
             "faults": {"slow_clients": args.slow_clients, "hung_image_host": bool(args.hung_image_host),
                        "kill_redis_at": args.kill_redis_at},
             "clicks": clicks, "throughput_per_s": round(clicks / elapsed, 2),
@@ -229,7 +235,7 @@ def run_load_bench(args) -> dict:
 def print_load_table(f: dict) -> None:
     faults = ", ".join(f"{k}={v}" for k, v in f["faults"].items() if v) or "none"
     print(f"\nload: {f['annotators']} annotators for {f['duration_s']} s, {f['workers']} workers x {f['threads']} "
-          f"threads, {f['model_version']}{' (random weights)' if f['random_weights'] else ''}, faults: {faults}")
+          f"threads ({f['web_torch_threads']} torch threads each), {f['model_version']}{' (random weights)' if f['random_weights'] else ''}, faults: {faults}")
     rows = [("clicks", f["clicks"]), ("throughput / s", f["throughput_per_s"]),
             ("warm p50 / p95 / p99 ms", f"{f['warm_ms']['p50']} / {f['warm_ms']['p95']} / {f['warm_ms']['p99']}"),
             ("single-user warm p50 ms", f["single_user_warm_p50_ms"]),
