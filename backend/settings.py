@@ -24,7 +24,7 @@ ENV_VARS = (
     "POLYGON_MIN_AREA", "PRELABEL_ON_PREDICT", "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
     "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE", "PREFETCH_TASKS",
     "HEADS_DIR", "HEAD_RELOAD_SECONDS", "TRAIN_AFTER_ANNOTATIONS", "TRAIN_STEPS", "TRAIN_MARGIN",
-    "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT", "JOB_MAX_RETRIES", "MAX_REQUEST_BYTES", "MAX_TASKS_PER_REQUEST",
+    "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT", "JOB_MAX_RETRIES", "MAX_REQUEST_BYTES", "REQUEST_READ_TIMEOUT", "MAX_TASKS_PER_REQUEST",
     "WEBHOOK_SECRET", "METRICS_AUTH", "MAX_CONCURRENT_ENCODES", "ENCODE_WAIT",
     "ZOOM_THRESHOLD", "ZOOM_MAX", "ZOOM_MAX_WINDOWS", "ZOOM_MIN_SIDE", "ZOOM_EDGES", "WARM_WINDOWS", "PRELABEL_TILES",
 )
@@ -78,6 +78,7 @@ class Settings:
     train_timeout: int = 3600
     job_max_retries: int = 2  # a job whose worker died is queued again this many times, then fails
     max_request_bytes: int = 64 * 1024 * 1024
+    request_read_timeout: float = 60.0  # seconds a request has, from its first byte, to arrive whole (then 408)
     max_tasks_per_request: int = 1000  # jobs one webhook or batch /predict may queue
     webhook_secret: str | None = None
     metrics_auth: bool = False
@@ -205,6 +206,7 @@ class Settings:
             train_timeout=number("TRAIN_TIMEOUT", d.train_timeout, minimum=60),
             job_max_retries=number("JOB_MAX_RETRIES", d.job_max_retries, minimum=0),
             max_request_bytes=number("MAX_REQUEST_BYTES", d.max_request_bytes, minimum=1024),
+            request_read_timeout=number("REQUEST_READ_TIMEOUT", d.request_read_timeout, kind=float, minimum=0.1),
             max_tasks_per_request=number("MAX_TASKS_PER_REQUEST", d.max_tasks_per_request, minimum=1),
             webhook_secret=secret("WEBHOOK_SECRET"),
             metrics_auth=flag("METRICS_AUTH", d.metrics_auth),

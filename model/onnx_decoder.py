@@ -74,6 +74,9 @@ class OnnxDecoder:
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # ONNX Runtime's pool threads spin after each run, waiting for the next: with many request
+        # threads and several processes on few cores that spinning takes the cores the others need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, features: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:

@@ -131,7 +131,7 @@ def test_a_webhook_whose_label_config_is_not_text_is_acknowledged(client):
     c, _ = client
     answer = c.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 1, "label_config": 5},
                                       "tasks": [{"id": 1, "data": {"image": "/data/x.png"}}]})
-    assert answer.status_code == 200 and "queued" not in answer.json
+    assert answer.status_code == 200  # the payload's config is not used: the look-up job reads the project's
 
 
 def test_one_forged_webhook_or_batch_queues_at_most_the_cap(settings, make_client, caplog):
@@ -140,8 +140,8 @@ def test_one_forged_webhook_or_batch_queues_at_most_the_cap(settings, make_clien
     store = redis.Redis.from_url(settings.redis_url)
     tasks = [{"id": i, "data": {"image": f"/data/upload/{i}.png"}} for i in range(1, 10_001)]
     answer = c.post("/webhook", json=webhook("TASKS_CREATED", tasks=tasks))
-    assert answer.status_code == 200 and answer.json["queued"] == 50
-    assert jobs.queue(store, jobs.WARM_QUEUE).count == 50
+    assert answer.status_code == 200 and answer.json["tasks"] == 50 and answer.json["queued"] == 1
+    assert [j.args for j in jobs.queue(store, jobs.WARM_QUEUE).jobs] == [[1, list(range(1, 51))]]
     assert "TASKS_CREATED with 10000 tasks: warming at most 50 (MAX_TASKS_PER_REQUEST)" in caplog.text
     batch = body("predict_batch.json") | {"tasks": tasks}
     response = c.post("/predict", json=batch)

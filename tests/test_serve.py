@@ -164,3 +164,13 @@ def test_bench_load_prints_a_table_and_a_json_last_line(tiny_checkpoint):
     assert "warm p50 / p95 / p99 ms" in result.stdout and "failed clicks" in result.stdout
     assert figures["clicks"] > 0 and figures["failed"] == 0 and figures["wrong"] == 0
     assert figures["hung_host_refusals"] >= 1 and figures["faults"]["slow_clients"] == 2
+
+
+def test_web_workers_share_the_cores_unless_torch_threads_says_otherwise():
+    # every core in every web worker oversubscribed the cores as soon as two workers decoded at once
+    from backend.web.server import web_torch_threads
+
+    assert web_torch_threads(Settings(workers=2), cpus=2) == 1
+    assert web_torch_threads(Settings(workers=3), cpus=2) == 1
+    assert web_torch_threads(Settings(workers=1), cpus=8) == 8
+    assert web_torch_threads(Settings(workers=2, torch_threads=3), cpus=2) == 3

@@ -23,7 +23,8 @@ import requests
 from backend.bench.click import (_ImageHandler, _TOKEN, SIZES, _click_body, _percentile, _wait_health,
                                  bench_checkpoint, free_port, synthetic_jpeg)
 from backend.web.embedded_redis import EmbeddedRedis, start_embedded
-from backend.web.server import stop_process
+from backend.settings import Settings
+from backend.web.server import stop_process, web_torch_threads
 
 PROMPTS = [(30.0, 40.0), (50.0, 50.0), (70.0, 35.0), (45.0, 70.0)]  # a few clicks per image, repeated
 
@@ -35,6 +36,7 @@ class _Stats:
         self.errors: Counter = Counter()
         self.wrong = 0
         self.expected_refusals = 0
+        self.slow_cut_off = 0
         self.references: dict[tuple, list] = {}
 
     def check(self, key: tuple, size: tuple[int, int], body: dict) -> bool:
@@ -71,16 +73,20 @@ def _hung_host() -> tuple[socket.socket, str]:
     return server, f"http://127.0.0.1:{server.getsockname()[1]}"
 
 
-def _slow_client(port: int, stop: threading.Event) -> None:
-    """Sends the start of a request body, then a byte now and then: never finishes."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100000\r\n\r\n{")
-            while not stop.wait(2):
-                sock.sendall(b" ")
-    except OSError:
-        pass  # the server gave up on us: what a server should do
+def _slow_client(port: int, stats: _Stats, stop: threading.Event) -> None:
+    """Sends the start of a request body, then a byte now and then: never finishes. When the server
+    cuts it off (REQUEST_READ_TIMEOUT), it connects again: the fault lasts the whole run."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100000\r\n\r\n{")
+                while not stop.wait(2):
+                    sock.sendall(b" ")
+        except OSError:  # the server gave up on us: what a server should do
+            with stats.lock:
+                stats.slow_cut_off += 1
+            stop.wait(0.5)
 
 
 def _annotator(base: str, images: list[tuple[str, tuple[int, int]]], stats: _Stats, stop: threading.Event,
@@ -169,15 +175,19 @@ def run_load_bench(args) -> dict:
         base = f"http://127.0.0.1:{port}"
         _wait_health(base, proc)
         model_version = requests.get(base + "/health", timeout=10).json()["model_version"]
-        print(f"embedding {len(images)} images (cold clicks, not measured) ...", flush=True)
+        # every prompt once: a click on a large image is answered on a zoom window around it, encoded
+        # on its first click (warm clicks are measured here, not window encodes)
+        print(f"embedding {len(images)} images and their prompts' zoom windows (cold clicks, not measured) ...",
+              flush=True)
         for url, size in images:
-            requests.post(base + "/predict", json=_click_body(url, "brush", 50, 50, size), timeout=900)
+            for x, y in PROMPTS:
+                requests.post(base + "/predict", json=_click_body(url, "brush", x, y, size), timeout=900)
         single = _single_user_p50(base, images, args.baseline_clicks)
 
         stats, stop = _Stats(), threading.Event()
         threads = [threading.Thread(target=_annotator, args=(base, images, stats, stop, args.think_range, i),
                                     daemon=True) for i in range(args.annotators)]
-        threads += [threading.Thread(target=_slow_client, args=(port, stop), daemon=True)
+        threads += [threading.Thread(target=_slow_client, args=(port, stats, stop), daemon=True)
                     for _ in range(args.slow_clients)]
         if args.hung_image_host:
             threads.append(threading.Thread(target=_hung_clicker, args=(base, hung_base + "/img.jpg", stats, stop),
@@ -201,7 +211,8 @@ def run_load_bench(args) -> dict:
         clicks = len(lat) + stats.wrong + sum(stats.errors.values())
         return {
             "model_version": model_version, "random_weights": bool(args.random_weights), "workers": args.workers,
-            "threads": args.threads, "annotators": args.annotators, "duration_s": round(elapsed, 1),
+            "threads": args.threads, "web_torch_threads": web_torch_threads(
+                Settings.from_env().replace(workers=args.workers)), "annotators": args.annotators, "duration_s": round(elapsed, 1),
             "faults": {"slow_clients": args.slow_clients, "hung_image_host": bool(args.hung_image_host),
                        "kill_redis_at": args.kill_redis_at},
             "clicks": clicks, "throughput_per_s": round(clicks / elapsed, 2),
@@ -210,7 +221,7 @@ def run_load_bench(args) -> dict:
             "single_user_warm_p50_ms": round(single, 1),
             "p95_over_single_p50": round(_percentile(lat, 95) / single, 2) if single else None,
             "failed": sum(stats.errors.values()), "errors": dict(stats.errors), "wrong": stats.wrong,
-            "hung_host_refusals": stats.expected_refusals,
+            "hung_host_refusals": stats.expected_refusals, "slow_clients_cut_off": stats.slow_cut_off,
         }
     finally:
         if proc is not None:
@@ -224,13 +235,14 @@ def run_load_bench(args) -> dict:
 def print_load_table(f: dict) -> None:
     faults = ", ".join(f"{k}={v}" for k, v in f["faults"].items() if v) or "none"
     print(f"\nload: {f['annotators']} annotators for {f['duration_s']} s, {f['workers']} workers x {f['threads']} "
-          f"threads, {f['model_version']}{' (random weights)' if f['random_weights'] else ''}, faults: {faults}")
+          f"threads ({f['web_torch_threads']} torch threads each), {f['model_version']}{' (random weights)' if f['random_weights'] else ''}, faults: {faults}")
     rows = [("clicks", f["clicks"]), ("throughput / s", f["throughput_per_s"]),
             ("warm p50 / p95 / p99 ms", f"{f['warm_ms']['p50']} / {f['warm_ms']['p95']} / {f['warm_ms']['p99']}"),
             ("single-user warm p50 ms", f["single_user_warm_p50_ms"]),
             ("p95 / single-user p50", f["p95_over_single_p50"]),
             ("failed clicks", f"{f['failed']} {json.dumps(f['errors']) if f['errors'] else ''}"),
-            ("wrong answers", f["wrong"]), ("hung-host clicks refused (502)", f["hung_host_refusals"])]
+            ("wrong answers", f["wrong"]), ("hung-host clicks refused (502)", f["hung_host_refusals"]),
+            ("slow clients cut off (408)", f["slow_clients_cut_off"])]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")

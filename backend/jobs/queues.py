@@ -210,6 +210,19 @@ def enqueue_warm(connection: redis.Redis, model_id: str, urls: list[str]) -> int
     return sum(state != "waiting" for state in states)
 
 
+def created_job_id(model_id: str, project_id: int, task_ids: list[int]) -> str:
+    digest = hashlib.sha256(json.dumps(sorted(task_ids)).encode()).hexdigest()[:16]
+    return f"created-{model_id}-{project_id}-{digest}"
+
+
+def enqueue_created(connection: redis.Redis, model_id: str, project_id: int, task_ids: list[int]) -> int:
+    """One job that reads these new tasks from Label Studio and queues their images' embeddings."""
+    state = enqueue_unique(connection, WARM_QUEUE, "backend.jobs.tasks.warm_created_tasks", (project_id, task_ids),
+                           created_job_id(model_id, project_id, task_ids),
+                           f"read {len(task_ids)} new tasks of project {project_id} and embed their images")
+    return int(state != "waiting")
+
+
 def enqueue_prelabel(connection: redis.Redis, model_id: str, project_id: int, task_ids: list[int]) -> int:
     states = [
         enqueue_unique(connection, PRELABEL_QUEUE, "backend.jobs.tasks.prelabel_task", (project_id, task_id),
@@ -285,6 +298,11 @@ class BackgroundJobs:
         if state in ("queued", "requeued"):
             self.metrics.train_jobs.labels(trigger).inc()
         return state
+
+    def warm_created(self, project_id: int, task_ids: list[int]) -> int:
+        """New tasks (a TASKS_CREATED webhook): a job reads them from Label Studio, then embeds their images."""
+        return self._queue("warm", f"a look-up of {len(task_ids)} new tasks", enqueue_created,
+                           self.loader.model_id, project_id, task_ids)
 
     def warm_tasks(self, tasks: list[dict], config: ProjectConfig) -> int:
         """Queue the embedding of these tasks' images (new imports, batches without a project id)."""

@@ -3,16 +3,20 @@ passes them: backend.jobs.worker) and the job's JSON arguments after it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from rq import get_current_job
 
+from backend.errors import BackendError
 from backend.jobs import queues
 from backend.jobs.training import run_training
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.prompts import task_image_url
 from backend.pipeline.timings import Timings
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the worker builds the services; a job only uses them
     from backend.services import Services
@@ -39,6 +43,29 @@ def warm_next_tasks(services: Services, project_id: int, task_id: int, count: in
         queued = queues.enqueue_warm(services.redis, services.loader.model_id, urls)
     queues.count_done(services.redis, queues.WARM_QUEUE)
     return {"next": len(urls), "queued": queued}
+
+
+def warm_created_tasks(services: Services, project_id: int, task_ids: list[int]) -> dict:
+    """A TASKS_CREATED webhook named these tasks: read them, and the project's label config, from
+    Label Studio with the backend's own token, and embed the images of those that exist there. The
+    webhook's own task data and config are never used: anyone can send one."""
+    with queues.heartbeat(services.redis):
+        api = services.label_studio_api()
+        try:
+            config = parse_label_config(api.label_config(project_id))
+        except BackendError as exc:  # a project SAM cannot serve: nothing to embed
+            queues.count_done(services.redis, queues.WARM_QUEUE)
+            return {"project": project_id, "skipped": exc.message}
+        tasks = api.tasks_by_id(project_id, task_ids)
+        urls = []
+        for task in tasks:
+            try:
+                urls.append(task_image_url(task, config))
+            except BackendError as exc:
+                log.warning("not warming task %s: %s", task["id"], exc.message)
+        queued = queues.enqueue_warm(services.redis, services.loader.model_id, urls)
+    queues.count_done(services.redis, queues.WARM_QUEUE)
+    return {"project": project_id, "asked": len(task_ids), "found": len(tasks), "queued": queued}
 
 
 def prelabel_task(services: Services, project_id: int, task_id: int) -> dict:

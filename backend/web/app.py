@@ -10,7 +10,6 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.errors import BackendError, Busy, InvalidRequest, Unauthorized
-from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.protocol import BatchRequest, parse_predict, project_number
 from backend.pipeline.timings import Timings
 from backend.services import Services
@@ -154,19 +153,19 @@ def webhook_answer(services: Services, body: dict) -> dict:
         answer["training"] = services.background.train(project_id, "annotation")
     elif action == "START_TRAINING" and project_id is not None:
         answer["training"] = services.background.train(project_id, "start_training")
-    if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list):
-        # newly imported images: embed them before an annotator opens them
+    if action == "TASKS_CREATED" and isinstance(body.get("tasks"), list) and project_id is not None:
+        # newly imported images: embed them before an annotator opens them. The payload names the
+        # tasks, nothing more: a job reads them (and the label config) from Label Studio with the
+        # backend's own token, so a forged webhook can neither choose what is downloaded nor queue
+        # tasks the project does not have
         cap = services.settings.max_tasks_per_request
-        tasks = tasks_to_warm(body["tasks"], cap)
+        task_ids = [task["id"] for task in tasks_to_warm(body["tasks"], cap)]
         if len(body["tasks"]) > cap:
             log.warning("TASKS_CREATED with %d tasks: warming at most %d (MAX_TASKS_PER_REQUEST); "
                         "`sam-backend warm --project ID` embeds a whole project", len(body["tasks"]), cap)
-        try:
-            config = parse_label_config(project.get("label_config") or "")
-        except BackendError as exc:
-            log.info("not warming new tasks: %s", exc.message)
-        else:
-            answer["queued"] = services.background.warm_tasks(tasks, config)
+        if task_ids:
+            answer["tasks"] = len(task_ids)
+            answer["queued"] = services.background.warm_created(project_id, task_ids)
     return answer
 
 

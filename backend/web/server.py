@@ -42,7 +42,9 @@ def gunicorn_options(settings: Settings) -> dict:
         "bind": f"{settings.host}:{settings.port}",
         "workers": settings.workers,
         "threads": settings.threads,
-        "worker_class": "gthread",
+        # gthread, but a request reaches a thread only once it has arrived whole: a client trickling
+        # its body holds no thread (backend/web/buffered_worker.py)
+        "worker_class": "backend.web.buffered_worker.BufferingThreadWorker",
         # Label Studio reuses a connection after 1-3 s idle; gunicorn's default keep-alive (2 s) closed
         # it under the client's feet and the click was lost (Label Studio does not retry a POST)
         "keepalive": 75,
@@ -54,6 +56,15 @@ def gunicorn_options(settings: Settings) -> dict:
         "control_socket_disable": True,
         "accesslog": "-" if settings.log_level in ("DEBUG", "INFO") else None,
     }
+
+
+def web_torch_threads(settings: Settings, cpus: int | None = None) -> int:
+    """torch / ONNX Runtime threads per web worker: TORCH_THREADS, or the cores divided among the
+    worker processes. The libraries' default is every core in every process: with two workers on
+    two cores, two clicks at once ran four busy threads on two cores and every click waited."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, (cpus or os.cpu_count() or 1) // settings.workers)
 
 
 def serve(settings: Settings) -> int:
@@ -80,9 +91,12 @@ def serve(settings: Settings) -> int:
         subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "worker"], env=os.environ.copy())
         for _ in range(settings.warm_workers)
     ]
+    # after the RQ workers have their environment: they encode alone and keep every core
+    os.environ["TORCH_THREADS"] = str(web_torch_threads(settings))
     try:
-        log.info("serving SAM on http://%s:%d (%d workers x %d threads, %d embedding workers)", settings.host,
-                 settings.port, settings.workers, settings.threads, len(workers))
+        log.info("serving SAM on http://%s:%d (%d workers x %d threads, %s torch threads each, %d embedding "
+                 "workers)", settings.host, settings.port, settings.workers, settings.threads,
+                 os.environ["TORCH_THREADS"], len(workers))
         GunicornApp(gunicorn_options(settings)).run()
     finally:
         for worker in workers:

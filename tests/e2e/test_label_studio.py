@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.labelstudio.label_config import parse_label_config
@@ -326,6 +327,52 @@ def test_imported_images_are_embedded_before_anyone_asks(label_studio, backend, 
         time.sleep(0.5)
     assert len(store.keys("sam-backend:emb:*")) == before + len(tasks)
     assert backend.metric('sam_webhooks_total{action="TASKS_CREATED"}') >= 2
+
+
+def test_a_forged_tasks_created_webhook_embeds_only_what_label_studio_has(label_studio, backend, e2e_redis):
+    """TASKS_CREATED comes without auth: its payload only names tasks. The backend reads them from
+    Label Studio, so a forged image URL is never queued and tasks of other projects (or none) are ignored."""
+    import redis
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    project = create_project(label_studio, ROOT / "label_config" / "single_object_polygon.xml")
+    connect(label_studio, backend, project["id"])
+    other = create_project(label_studio, ROOT / "label_config" / "single_object_polygon.xml")  # not connected
+    ours = add_images(label_studio, project["id"])
+    theirs = label_studio.api("POST", f"/api/projects/{other['id']}/import", files={
+        "file": ("theirs.png", make_image(WIDTH, HEIGHT, seed=900), "image/png")})
+    assert theirs.status_code == 201, theirs.text
+    their_task = label_studio.api("GET", "/api/tasks", params={"project": other["id"]}).json()["tasks"][0]
+    store = redis.Redis.from_url(e2e_redis.url)
+    forged = "http://127.0.0.1:1/forged.png"
+    payload = {"action": "TASKS_CREATED", "project": {"id": project["id"], "label_config": "<View/>"},
+               "tasks": [{"id": ours[0]["id"], "data": {"image": forged}},  # a real task, a forged URL
+                         {"id": their_task["id"], "data": {"image": forged + "?2"}},  # another project's task
+                         {"id": 987654321, "data": {"image": forged + "?3"}}]}  # no such task
+    answer = requests.post(backend.url + "/webhook", json=payload, timeout=10)
+    assert answer.status_code == 200 and answer.json()["queued"] == 1
+    deadline = time.monotonic() + 60
+    looked_up = None
+    while time.monotonic() < deadline:
+        keys = [k.decode() for k in store.keys("rq:job:created-*")]
+        jobs_done = [Job.fetch(k.split(":", 2)[2], connection=store, serializer=JSONSerializer) for k in keys]
+        looked_up = [j for j in jobs_done if j.args == [project["id"], [t["id"] for t in payload["tasks"]]]]
+        if looked_up and looked_up[0].get_status() == "finished":
+            break
+        time.sleep(0.5)
+    assert looked_up and looked_up[0].get_status() == "finished"
+    # read from Label Studio: one of the three exists in this project
+    result = looked_up[0].return_value()
+    assert (result["project"], result["asked"], result["found"]) == (project["id"], 3, 1)
+    # every job in the store, by its arguments: the forged URLs and the other project's image are in none
+    arguments = []
+    for key in store.keys("rq:job:*"):
+        if store.type(key) == b"hash":
+            arguments.append(json.dumps(Job.fetch(key.decode().split(":", 2)[2], connection=store,
+                                                  serializer=JSONSerializer).args))
+    assert arguments and not [a for a in arguments if "forged" in a or their_task["data"]["image"] in a]
+    assert any(ours[0]["data"]["image"] in a for a in arguments)  # the task's own image, from Label Studio
 
 
 def test_opening_a_task_embeds_the_next_ones(label_studio, backend, e2e_redis):
