@@ -21,7 +21,8 @@ ENV_VARS = (
     "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "MODEL_DIR", "LOG_LEVEL", "HOST", "PORT", "WORKERS", "THREADS",
     "TORCH_THREADS", "ALLOWED_IMAGE_HOSTS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "IMAGE_TIMEOUT",
     "EMBEDDING_TTL", "EMBEDDING_LRU_SIZE", "URL_DIGEST_TTL", "OUTPUT_TYPE", "POLYGON_TOLERANCE",
-    "POLYGON_MIN_AREA", "PRELABEL_ON_PREDICT", "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
+    "POLYGON_MIN_AREA", "POLYGON_MAX_VERTICES", "POLYGON_MAX_PARTS", "PRELABEL_ON_PREDICT",
+    "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
     "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE", "PREFETCH_TASKS",
     "HEADS_DIR", "HEAD_RELOAD_SECONDS", "TRAIN_AFTER_ANNOTATIONS", "TRAIN_STEPS", "TRAIN_MARGIN",
     "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT", "JOB_MAX_RETRIES", "MAX_REQUEST_BYTES", "REQUEST_READ_TIMEOUT", "MAX_TASKS_PER_REQUEST",
@@ -62,6 +63,11 @@ class Settings:
     output_type: str = "both"
     polygon_tolerance: float = 1.0
     polygon_min_area: int = 100
+    # what Label Studio's page can draw: it spends ~1-5 ms per polygon vertex and ~20 ms per region
+    # (issue 13: 193 KB of polygons took 11-46 s to show, 2,000 regions 35-52 s); a smooth object's
+    # outline needs well under 100 vertices, so only ragged answers ever reach these
+    polygon_max_vertices: int = 1000  # all polygons of one answer together; 0: no bound
+    polygon_max_parts: int = 20  # the largest parts of one mask; 0: no bound
     prelabel_on_predict: bool = True
     embedded_redis_maxmemory: str = "2gb"
     warm_workers: int = 1
@@ -190,6 +196,8 @@ class Settings:
             output_type=output_type,
             polygon_tolerance=number("POLYGON_TOLERANCE", d.polygon_tolerance, kind=float, minimum=0.0),
             polygon_min_area=number("POLYGON_MIN_AREA", d.polygon_min_area, minimum=0),
+            polygon_max_vertices=number("POLYGON_MAX_VERTICES", d.polygon_max_vertices, minimum=0),
+            polygon_max_parts=number("POLYGON_MAX_PARTS", d.polygon_max_parts, minimum=0),
             prelabel_on_predict=flag("PRELABEL_ON_PREDICT", d.prelabel_on_predict),
             embedded_redis_maxmemory=text("EMBEDDED_REDIS_MAXMEMORY", d.embedded_redis_maxmemory),
             warm_workers=number("WARM_WORKERS", d.warm_workers, minimum=0),

@@ -134,7 +134,9 @@ def _time_output(kind: str, logits_input: np.ndarray, size: tuple[int, int], rep
         if kind == "brush":
             regions = [brush_region(tag, "image", "Object", logits_input, (height, width), 0.9)]
         else:
-            regions = polygon_regions(tag, "image", "Object", logits_input, (height, width), 0.9, 1.0, 100)
+            d = Settings()  # the defaults the server runs with, bounds for the page included
+            regions = polygon_regions(tag, "image", "Object", logits_input, (height, width), 0.9, d.polygon_tolerance,
+                                      d.polygon_min_area, d.polygon_max_vertices, d.polygon_max_parts)
         nbytes = len(json.dumps({"results": [{"result": regions}]}, separators=(",", ":")))
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times), nbytes

@@ -1,4 +1,4 @@
-"""sam-backend serve | worker | warm | prelabel | train | heads | export | download | connect | bench"""
+"""sam-backend serve | worker | warm | prelabel | train | heads | export | download | connect | doctor | bench"""
 
 from __future__ import annotations
 
@@ -87,7 +87,13 @@ def cmd_connect(args) -> int:
 
     settings = _settings()
     url = args.url or f"http://127.0.0.1:{settings.port}"
-    return connect(settings, args.project, url, args.title)
+    return connect(settings, args.project, url, args.title, show_our_drafts=args.show_our_drafts)
+
+
+def cmd_doctor(args) -> int:
+    from backend.commands.doctor import doctor
+
+    return doctor(_settings(), args.project, args.url)
 
 
 def _bench(run, print_table, args, passed=lambda figures: True) -> int:
@@ -187,7 +193,15 @@ def _add_project_commands(sub) -> None:
     conn.add_argument("--project", type=int, required=True, help="Label Studio project id")
     conn.add_argument("--url", help="the backend's URL as Label Studio reaches it (default http://127.0.0.1:PORT)")
     conn.add_argument("--title", default="SAM (sam-backend)")
+    conn.add_argument("--show-our-drafts", action="store_true",
+                      help="make this backend the project's model version, so the editor pre-fills our drafts "
+                           "rather than another model's imported predictions")
     conn.set_defaults(func=cmd_connect)
+
+    doc = sub.add_parser("doctor", help="check, in order, what makes smart tools do nothing or drafts never appear")
+    doc.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    doc.add_argument("--url", help="the backend's URL as registered (default: the project's interactive backend)")
+    doc.set_defaults(func=cmd_doctor)
 
 
 def _weights_options(parser) -> None:

@@ -43,14 +43,24 @@ RECORD_TTL = 24 * 3600  # how long a finished job's record stays: `--wait` tells
 _BEAT_EVERY = 5
 
 
+RISK_EVICTION = "eviction"  # jobs or their records can vanish while everything runs
+RISK_PERSISTENCE = "persistence"  # a restart of the Redis loses what is queued
+RISK_UNKNOWN = "unknown"  # the configuration could not be read
+
+
 def store_risks(connection: redis.Redis, shares_cache: bool = False) -> list[str]:
     """What could make the job store's Redis lose queued jobs or job records; empty when nothing is
-    known. Logged as warnings when a process builds its services, and meant for health checks.
+    known. Logged as warnings when a process builds its services; `sam-backend doctor` reports them.
 
     `shares_cache`: the embedding cache lives in this Redis too (CACHE_REDIS_URL unset, or the same
     URL). The design keeps the two apart (README "Configure"): the store with `noeviction` and
     persistence, the cache with `allkeys-lru` and a `maxmemory`.
     """
+    return [message for _, message in store_risk_kinds(connection, shares_cache)]
+
+
+def store_risk_kinds(connection: redis.Redis, shares_cache: bool = False) -> list[tuple[str, str]]:
+    """store_risks, each with its kind (RISK_EVICTION, RISK_PERSISTENCE, RISK_UNKNOWN)."""
     try:
         config = connection.config_get("maxmemory*")
         config.update(connection.config_get("save"))
@@ -58,28 +68,32 @@ def store_risks(connection: redis.Redis, shares_cache: bool = False) -> list[str
     except redis.ResponseError:  # managed Redis services may refuse CONFIG: nothing to tell
         return []
     except redis.RedisError as exc:
-        return [f"cannot check the job store's Redis: {exc}"]
+        return [(RISK_UNKNOWN, f"cannot check the job store's Redis: {exc}")]
     policy, limit = config.get("maxmemory-policy", ""), int(config.get("maxmemory") or 0)
-    risks = []
+    risks: list[tuple[str, str]] = []
     if policy.startswith("allkeys"):
-        risks.append(f"the job store's Redis has maxmemory-policy {policy}: queued jobs and job records can be "
-                     "evicted when memory fills up; use noeviction there and put the embeddings in CACHE_REDIS_URL "
-                     "(a second Redis with allkeys-lru)")
+        risks.append((RISK_EVICTION,
+                      f"the job store's Redis has maxmemory-policy {policy}: queued jobs and job records can be "
+                      "evicted when memory fills up; use noeviction there and put the embeddings in CACHE_REDIS_URL "
+                      "(a second Redis with allkeys-lru)"))
     elif policy.startswith("volatile") and shares_cache:
-        risks.append(f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
-                     "embeddings carry a TTL and go first (none with EMBEDDING_TTL=0: then nothing can be evicted "
-                     "and writes fail), but finished-job records and heartbeats carry a TTL too; give the cache a "
-                     "Redis of its own and use noeviction here")
+        risks.append((RISK_EVICTION,
+                      f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
+                      "embeddings carry a TTL and go first (none with EMBEDDING_TTL=0: then nothing can be evicted "
+                      "and writes fail), but finished-job records and heartbeats carry a TTL too; give the cache a "
+                      "Redis of its own and use noeviction here"))
     elif policy.startswith("volatile"):
-        risks.append(f"the job store's Redis has maxmemory-policy {policy}: finished-job records and heartbeats "
-                     "carry a TTL and can be evicted (a follower then reports a finished job lost, and a running "
-                     "job is run twice); use noeviction")
+        risks.append((RISK_EVICTION,
+                      f"the job store's Redis has maxmemory-policy {policy}: finished-job records and heartbeats "
+                      "carry a TTL and can be evicted (a follower then reports a finished job lost, and a running "
+                      "job is run twice); use noeviction"))
     elif shares_cache and limit:
-        risks.append(f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
-                     "when it fills up, cache writes and job enqueues fail; give the cache its own Redis")
+        risks.append((RISK_EVICTION,
+                      f"the job store's Redis also holds the embedding cache (CACHE_REDIS_URL unset) with {policy}: "
+                      "when it fills up, cache writes and job enqueues fail; give the cache its own Redis"))
     if not config.get("save") and config.get("appendonly") == "no":
-        risks.append("the job store's Redis does not persist (no save points, appendonly no): a restart loses "
-                     "every queued job; use appendonly yes")
+        risks.append((RISK_PERSISTENCE, "the job store's Redis does not persist (no save points, appendonly no): "
+                                        "a restart loses every queued job; use appendonly yes"))
     return risks
 
 

@@ -136,3 +136,47 @@ class LabelStudioApi:
             if existing:
                 return self.client.ml.update(existing[0].id, project=project_id, **options).id
             return self.client.ml.create(project=project_id, **options).id
+
+    def ml_backends(self, project_id: int) -> list[dict]:
+        """The ML backends connected to the project, as Label Studio last saw them."""
+        with self._calling(f"the ML backends of project {project_id}"):
+            return [_plain(m) for m in self.client.ml.list(project=project_id)]
+
+    def checked_ml_backend(self, ml_id: int) -> dict:
+        """The ML backend after Label Studio's own check of it: reading one makes Label Studio call the
+        backend's /health, then /setup, and store the outcome (readable_state "Connected", or
+        "Disconnected" / "Error" with error_message), as its Settings -> Model page does."""
+        with self._calling(f"ML backend {ml_id}"):
+            return _plain(self.client.ml.get(ml_id))
+
+    def interactive(self, ml_id: int, task_id: int, context: dict, timeout: float) -> dict:
+        """What Label Studio answers the labeling page for a smart-tool click: {"data": result} or
+        {"errors": [...]}, both with HTTP 200 (the page shows neither)."""
+        with self._calling(f"an interactive prediction of task {task_id} through ML backend {ml_id}"):
+            raw = self.client.ml.with_raw_response.predict_interactive(
+                ml_id, task=task_id, context=context, request_options={"timeout_in_seconds": timeout})
+            return raw.response.json()
+
+    def first_task(self, project_id: int) -> dict | None:
+        """The project's first task (id order) with its data, or None when it has none."""
+        with self._calling(f"the first task of project {project_id}"):
+            for task in self.client.tasks.list(project=project_id, page_size=1, fields="task_only"):
+                return {"id": task.id, "data": task.data}
+        return None
+
+    def prediction_versions(self, project_id: int) -> dict[str, int]:
+        """{model version: predictions} over the project's tasks (Label Studio's model-versions call,
+        which the SDK does not wrap)."""
+        with self._calling(f"the prediction model versions of project {project_id}"):
+            response = self.client._client_wrapper.httpx_client.request(
+                f"api/projects/{int(project_id)}/model-versions/", method="GET")
+            if response.status_code != 200:
+                raise ApiError(status_code=response.status_code, body=response.text)
+            return {str(k): int(v) for k, v in response.json().items()}
+
+    def show_predictions_of(self, project_id: int, model_version: str) -> None:
+        """What Label Studio's editor pre-fills a task with: the predictions of `model_version`, which
+        is a prediction's version or an ML backend's title (its live version), with "Use predictions
+        to prelabel tasks" on (Settings -> Annotation -> Prelabeling in the page)."""
+        with self._calling(f"the model version of project {project_id}"):
+            self.client.projects.update(project_id, model_version=model_version, show_collab_predictions=True)

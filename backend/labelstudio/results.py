@@ -35,6 +35,12 @@ def brush_region(
     return _region(tag, to_name, original_size, value, score)
 
 
+# SAM answers on a 256 x 256 grid over its 1024 px input: one cell is 4 x 4 input pixels. A part of a
+# whole-image answer smaller than one cell is interpolation between cells, never a structure the
+# decoder saw (on a 20 MP photo one cell is ~450 full-resolution pixels, above POLYGON_MIN_AREA)
+_CELL_INPUT_PIXELS = 16
+
+
 def polygon_regions(
     tag: OutputTag,
     to_name: str,
@@ -44,14 +50,17 @@ def polygon_regions(
     score: float,
     tolerance: float,
     min_area_full_res: float,
+    max_vertices: int = 0,
+    max_parts: int = 0,
 ) -> list[dict]:
-    """One polygon region per connected part, traced on the 1024-side mask (IoU 0.997 vs full res, 3 ms)."""
+    """One polygon region per connected part, traced on the 1024-side mask (IoU 0.997 vs full res, 3 ms),
+    largest first, at most `max_parts` of them with `max_vertices` in all (0: no bound)."""
     mask = masks.mask_at_input(logits_input)
     in_h, in_w = mask.shape
     height, width = original_size
-    min_area = min_area_full_res * (in_h * in_w) / (height * width)
+    min_area = max(min_area_full_res * (in_h * in_w) / (height * width), _CELL_INPUT_PIXELS)
     regions = []
-    for poly in masks.polygons(mask, tolerance, min_area):
+    for poly in masks.polygons(mask, tolerance, min_area, max_vertices, max_parts, keep_largest=True):
         # pixel centres -> percent of the image
         points = ((poly + 0.5) / np.array([in_w, in_h]) * 100.0).round(4).tolist()
         value = {"points": points, "closed": True, "polygonlabels": [label]}
@@ -74,9 +83,11 @@ def brush_region_from_mask(tag: OutputTag, to_name: str, label: str, mask: np.nd
 
 
 def polygon_regions_from_mask(tag: OutputTag, to_name: str, label: str, mask: np.ndarray, score: float,
-                              tolerance: float, min_area: float, meta: dict | None = None) -> list[dict]:
+                              tolerance: float, min_area: float, meta: dict | None = None,
+                              max_vertices: int = 0, max_parts: int = 0) -> list[dict]:
     """Polygons traced on a full-resolution mask (tolerance and min_area in its pixels), on the mask's
-    bounding box only: a 12 px pit on a 20 MP photo costs microseconds, not a 20 MP contour search."""
+    bounding box only: a 12 px pit on a 20 MP photo costs microseconds, not a 20 MP contour search.
+    Largest part first (kept even below min_area), bounded like polygon_regions."""
     height, width = mask.shape
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if len(rows) == 0:
@@ -84,7 +95,7 @@ def polygon_regions_from_mask(tag: OutputTag, to_name: str, label: str, mask: np
     y0, x0 = int(rows[0]), int(cols[0])
     part = np.pad(mask[y0:int(rows[-1]) + 1, x0:int(cols[-1]) + 1], 1)  # contours never touch the crop's border
     regions = []
-    for poly in masks.polygons(part, tolerance, min_area):
+    for poly in masks.polygons(part, tolerance, min_area, max_vertices, max_parts, keep_largest=True):
         points = ((poly + np.array([x0 - 0.5, y0 - 0.5])) / np.array([width, height]) * 100.0).round(5).tolist()
         value = {"points": points, "closed": True, "polygonlabels": [label]}
         regions.append(_meta_region(tag, to_name, (height, width), value, score, meta))

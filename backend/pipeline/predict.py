@@ -84,7 +84,15 @@ class Predictor:
         timings.add("decode", time.perf_counter() - start)
         return found
 
-    def _mask_regions(self, found: ZoomAnswer, label: str, outputs, config: ProjectConfig, timings: Timings) -> list:
+    def _polygon_bounds(self, share: int) -> dict:
+        """POLYGON_MAX_VERTICES / POLYGON_MAX_PARTS for one of `share` masks of an answer: a click is
+        one mask; a draft's objects share the budget, since the page draws them all at once."""
+        vertices, parts = self.settings.polygon_max_vertices, self.settings.polygon_max_parts
+        return {"max_vertices": max(vertices // share, 8) if vertices else 0,
+                "max_parts": max(parts // share, 1) if parts else 0}
+
+    def _mask_regions(self, found: ZoomAnswer, label: str, outputs, config: ProjectConfig, timings: Timings,
+                      share: int = 1) -> list:
         """Regions from a full-resolution mask (the zoom path's): brush RLE as it is, polygons traced
         at full resolution; each region's meta says which path made it and from how many windows."""
         score = min(max(found.score, 0.0), 1.0)
@@ -97,7 +105,8 @@ class Predictor:
             else:
                 regions.extend(polygon_regions_from_mask(tag, config.image_name, label, found.mask, score,
                                                          self.settings.polygon_tolerance,
-                                                         self.settings.polygon_min_area, meta))
+                                                         self.settings.polygon_min_area, meta,
+                                                         **self._polygon_bounds(share)))
             elapsed = time.perf_counter() - start
             timings.add(tag.kind, elapsed)
             self.metrics.output.labels(tag.kind).observe(elapsed)
@@ -121,10 +130,11 @@ class Predictor:
             if url is not None and self.zoom.applies(embedding.original_size):
                 zoomed = self.zoom.answer(url, embedding, prompt, timings, lambda: self._decode(embedding, prompt, timings))
                 if zoomed.path != PATH_WHOLE:  # a small box on a large image: its windows, at full resolution
-                    regions.extend(self._mask_regions(zoomed, label, outputs, config, timings))
+                    regions.extend(self._mask_regions(zoomed, label, outputs, config, timings, len(boxes)))
                     scores.append(min(max(zoomed.score, 0.0), 1.0))
                     continue
-            found, score = self._segment(embedding, prompt, label, outputs, config, timings, served, url)
+            found, score = self._segment(embedding, prompt, label, outputs, config, timings, served, url,
+                                         share=len(boxes))
             regions.extend(found)
             scores.append(score)
         score = sum(scores) / len(scores) if scores else 0.0
@@ -150,7 +160,7 @@ class Predictor:
         timings.add("everything", time.perf_counter() - start)
         regions = []
         for obj in found:
-            regions.extend(self._regions(obj.logits, obj.score, label, outputs, config, embedding, timings))
+            regions.extend(self._regions(obj.logits, obj.score, label, outputs, config, embedding, timings, len(found)))
         score = sum(o.score for o in found) / len(found) if found else 0.0
         # no head ran: plain SAM's version (see draft_version)
         return {"result": regions, "score": min(max(score, 0.0), 1.0), "model_version": self.loader.model_version}
@@ -180,13 +190,13 @@ class Predictor:
         regions = []
         for obj in merged:
             answer = ZoomAnswer(obj.full(size), obj.score, PATH_TILES, [])
-            regions.extend(self._mask_regions(answer, label, outputs, config, timings))
+            regions.extend(self._mask_regions(answer, label, outputs, config, timings, len(merged)))
         score = sum(o.score for o in merged) / len(merged) if merged else 0.0
         self.metrics.zoom_answers.labels(PATH_TILES).inc(len(merged))
         return {"result": regions, "score": min(max(score, 0.0), 1.0), "model_version": self.loader.model_version}
 
     def _segment(self, embedding, prompt, label: str, outputs, config: ProjectConfig, timings: Timings,
-                 served: ServedHead | None = None, url: str | None = None, decoded=None):
+                 served: ServedHead | None = None, url: str | None = None, decoded=None, share: int = 1):
         """Decoder (unless `decoded` already holds its answer), the project's head if it has one, then
         the mask as every output tag wants it. Returns (regions, score)."""
         model = self.loader.get()
@@ -208,9 +218,10 @@ class Predictor:
             elapsed = time.perf_counter() - start
             timings.add("head", elapsed)
             self.metrics.head_seconds.observe(elapsed)
-        return self._regions(logits, score, label, outputs, config, embedding, timings), score
+        return self._regions(logits, score, label, outputs, config, embedding, timings, share), score
 
-    def _regions(self, logits, score: float, label: str, outputs, config: ProjectConfig, embedding, timings) -> list:
+    def _regions(self, logits, score: float, label: str, outputs, config: ProjectConfig, embedding, timings,
+                 share: int = 1) -> list:
         regions = []
         for tag in outputs:
             start = time.perf_counter()
@@ -221,6 +232,7 @@ class Predictor:
                     polygon_regions(
                         tag, config.image_name, label, logits, embedding.original_size, score,
                         self.settings.polygon_tolerance, self.settings.polygon_min_area,
+                        **self._polygon_bounds(share),
                     )
                 )
             elapsed = time.perf_counter() - start

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import requests
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.rle import rle_to_mask
-from tests.conftest import make_image
+
+from tests.conftest import free_port, make_image
 from tests.e2e.conftest import ROOT, TIMINGS, BackendServer
 
 CONFIGS = sorted((ROOT / "label_config").glob("*.xml"))
@@ -146,8 +148,12 @@ def test_retrieve_predictions_stores_one_draft_per_task(label_studio, backend):
     imported = label_studio.api("POST", f"/api/projects/{project['id']}/import", json=tasks)
     assert imported.status_code == 201, imported.text
     connect(label_studio, backend, project["id"])
-    model_version = label_studio.api("GET", "/api/ml", params={"project": project["id"]}).json()[0]["model_version"]
+    ml = label_studio.api("GET", "/api/ml", params={"project": project["id"]}).json()[0]
+    model_version = ml["model_version"]
     assert model_version.startswith("sam-")
+    # the importer's version is the project's: connect says the editor would show the detector's boxes
+    told = backend.cli("connect", "--project", str(project["id"]), "--url", backend.url)
+    assert told.returncode == 0 and "'detector-v1'" in told.stdout and "--show-our-drafts" in told.stdout
 
     def ours() -> dict[int, list]:
         found: dict[int, list] = {}
@@ -177,6 +183,20 @@ def test_retrieve_predictions_stores_one_draft_per_task(label_studio, backend):
                                              return_errors=True) in (True, [], None)
     labels = sorted(p[0]["result"][0]["value"]["brushlabels"][0] for p in drafts.values())
     assert labels == ["Pit", "Pit", "Scratch"]  # each mask has its box's label
+
+    # what the editor pre-fills (the label stream's next task): the detector's boxes, until connect
+    # --show-our-drafts makes our backend the project's model version; then our SAM draft
+    def shown_versions() -> set[str]:
+        task = label_studio.api("GET", f"/api/projects/{project['id']}/next").json()
+        return {p["model_version"] for p in task["predictions"]}
+
+    assert shown_versions() == {"detector-v1"}
+    shown = backend.cli("connect", "--project", str(project["id"]), "--url", backend.url, "--show-our-drafts")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert label_studio.api("GET", f"/api/projects/{project['id']}").json()["model_version"] == ml["title"]
+    assert shown_versions() == {model_version}
+    again = backend.cli("connect", "--project", str(project["id"]), "--url", backend.url)
+    assert "detector-v1" not in again.stdout  # nothing hidden any more: no note
 
 
 def predictions_by_task(label_studio, project_id: int, model_version: str) -> dict[int, list]:
@@ -529,3 +549,106 @@ def test_commands_name_a_wrong_project_or_a_refused_token_without_a_traceback(la
     revoked = backend.cli_with({"LABEL_STUDIO_API_KEY": "0" * 40}, "warm", "--project", "1")
     assert revoked.returncode == 2 and "Traceback" not in revoked.stderr
     assert "401" in revoked.stderr and "LABEL_STUDIO_API_KEY" in revoked.stderr
+
+
+def ml_settings(ls, backend: BackendServer, ml_id: int, project_id: int, **changes) -> None:
+    """Change an ML backend as its Settings -> Model form does (Label Studio checks the whole form again)."""
+    form = {"url": backend.url, "project": project_id, "auth_method": "BASIC_AUTH",
+            "basic_auth_user": backend.env["BASIC_AUTH_USER"], "basic_auth_pass": backend.env["BASIC_AUTH_PASS"]}
+    changed = ls.api("PATCH", f"/api/ml/{ml_id}", json={**form, **changes})
+    assert changed.status_code == 200, changed.text
+
+
+def doctor_lines(result) -> dict[str, str]:
+    """{check: its status} from `sam-backend doctor`'s output."""
+    found = {}
+    for line in result.stdout.splitlines():
+        status, _, rest = line.partition(" ")
+        if status in ("OK", "FAIL", "WARN", "SKIP"):
+            found.setdefault(rest.strip().split(":")[0], status)
+    return found
+
+
+DOCTOR_CHECKS = ["Label Studio reachable with the token", "backend registered with the project",
+                 "backend reachable from Label Studio (/health, /setup)", "interactive preannotations on",
+                 "label config usable by the smart tools", "editor pre-fills our drafts",
+                 "first task's image downloadable by the backend",
+                 "a smart-tool click through Label Studio returns a region", "workers listening for drafts",
+                 "Redis writable, queues safe from eviction"]
+
+
+def test_doctor_passes_on_a_working_project_and_names_what_breaks_it(label_studio, backend, tmp_path):
+    """One connected project: every check passes; then interactive preannotations off, and a job store
+    with no worker on it that would evict queues, each named with what to change. connect warns about
+    every image host the backend will refuse, by host and port."""
+    from tests.conftest import RedisServer
+
+    project = create_project(label_studio, ROOT / "label_config" / "single_object_polygon.xml")
+    pid = project["id"]
+    upload = label_studio.api("POST", f"/api/projects/{pid}/import",
+                              files={"file": ("first.png", make_image(WIDTH, HEIGHT, seed=700), "image/png")})
+    assert upload.status_code == 201, upload.text
+    elsewhere = free_port()  # Label Studio's host on another port: not Label Studio's origin
+    refused = [f"http://127.0.0.1:{elsewhere}/shelf.png", "http://images.example.invalid:8443/bin.png"]
+    imported = label_studio.api("POST", f"/api/projects/{pid}/import", json=[{"data": {"image": u}} for u in refused])
+    assert imported.status_code == 201, imported.text
+    connected = backend.cli("connect", "--project", str(pid), "--url", backend.url)
+    assert connected.returncode == 0, connected.stdout + connected.stderr
+    warnings = [line for line in connected.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert any(f"127.0.0.1:{elsewhere} is not allowed" in w for w in warnings)
+    assert any("images.example.invalid:8443 is not allowed" in w for w in warnings)
+    ml_id = label_studio.api("GET", "/api/ml", params={"project": pid}).json()[0]["id"]
+
+    healthy = backend.cli("doctor", "--project", str(pid))
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    lines = doctor_lines(healthy)
+    assert [c for c in lines if lines[c] == "OK"] == DOCTOR_CHECKS, healthy.stdout
+    assert "2 task(s)" not in healthy.stdout and healthy.stdout.count("WARN other tasks' images") == 2
+
+    ml_settings(label_studio, backend, ml_id, pid, is_interactive=False)
+    try:
+        off = backend.cli("doctor", "--project", str(pid))
+    finally:
+        ml_settings(label_studio, backend, ml_id, pid, is_interactive=True)
+    assert off.returncode == 1
+    lines = doctor_lines(off)
+    assert lines["interactive preannotations on"] == "FAIL"
+    assert lines["a smart-tool click through Label Studio returns a region"] == "FAIL"
+    assert "Model is not set to be used for interactive preannotations" in off.stdout
+    assert [c for c in DOCTOR_CHECKS if lines[c] == "FAIL"] == [
+        "interactive preannotations on", "a smart-tool click through Label Studio returns a region"]
+
+    store = RedisServer(tmp_path)  # a job store no worker listens on, set to evict
+    try:
+        redis.Redis.from_url(store.url).config_set("maxmemory-policy", "allkeys-lru")
+        unserved = backend.cli_with({"REDIS_URL": store.url}, "doctor", "--project", str(pid))
+    finally:
+        store.stop()
+    assert unserved.returncode == 1
+    lines = doctor_lines(unserved)
+    assert [c for c in DOCTOR_CHECKS if lines[c] == "FAIL"] == [
+        "workers listening for drafts", "Redis writable, queues safe from eviction"]
+    assert "sam-warm, sam-prelabel" in unserved.stdout and "allkeys-lru" in unserved.stdout
+
+
+def test_doctor_names_a_missing_backend_a_config_without_smart_tools_and_a_refused_image_host(
+        label_studio, backend):
+    config = (ROOT / "label_config" / "single_object_polygon.xml").read_text().replace(' smart="true"', "")
+    created = label_studio.api("POST", "/api/projects", json={"title": "e2e doctor", "label_config": config})
+    assert created.status_code == 201, created.text
+    pid = created.json()["id"]
+    port = free_port()
+    imported = label_studio.api("POST", f"/api/projects/{pid}/import",
+                                json=[{"data": {"image": f"http://127.0.0.1:{port}/photo.png"}}])
+    assert imported.status_code == 201, imported.text
+    result = backend.cli("doctor", "--project", str(pid))
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = doctor_lines(result)
+    assert [c for c in DOCTOR_CHECKS if lines[c] == "FAIL"] == [
+        "backend registered with the project", "label config usable by the smart tools",
+        "first task's image downloadable by the backend"], result.stdout
+    assert f"sam-backend connect --project {pid}" in result.stdout
+    assert 'smart="true"' in result.stdout
+    assert f"127.0.0.1:{port} is not allowed" in result.stdout and "ALLOWED_IMAGE_HOSTS" in result.stdout
+    assert lines["a smart-tool click through Label Studio returns a region"] == "SKIP"
