@@ -174,17 +174,67 @@ def time_on_real_decoder(model, features: np.ndarray, scenes: int, points_per_si
                          min_area_fraction: float, seed: int = 0) -> dict:
     """Seconds per image of each search with the real decoder decoding every prompt it sends (the
     stand-in's answers steer it; see the module docstring)."""
-    out = {}
-    for search in ("grid", "coarse"):
-        config = AutomaticConfig(points_per_side=points_per_side, min_area_fraction=min_area_fraction, search=search)
-        seconds, prompts = [], []
-        for s in range(scenes):
-            scene = make_scene(seed + s)
+    seconds = {"grid": [], "coarse": []}
+    prompts = {"grid": [], "coarse": []}
+    for s in range(scenes):  # both searches on each scene in turn: the machine's load hits both alike
+        scene = make_scene(seed + s)
+        for search in ("grid", "coarse"):
+            config = AutomaticConfig(points_per_side=points_per_side, min_area_fraction=min_area_fraction, search=search)
             decoder = SceneDecoder(timed_by=(model, features))
             start = time.perf_counter()
             result = search_everything(decoder, scene.labels, scene.input_size, config)
-            seconds.append(time.perf_counter() - start)
-            prompts.append(result.prompts)
-        out[search] = {"prompts_per_image": statistics.mean(prompts), "seconds_per_image": round(statistics.median(seconds), 2),
-                       "ms_per_prompt": round(1000 * sum(seconds) / sum(prompts), 1)}
-    return out
+            seconds[search].append(time.perf_counter() - start)
+            prompts[search].append(result.prompts)
+    return {search: {"prompts_per_image": statistics.mean(prompts[search]),
+                     "seconds_per_image": round(statistics.median(seconds[search]), 2),
+                     "ms_per_prompt": round(1000 * sum(seconds[search]) / sum(prompts[search]), 1)}
+            for search in ("grid", "coarse")}
+
+def run_everything_figures(checkpoint: str, work, args) -> dict:
+    """The bench's segment-everything section: objects and prompts on the stand-in's scenes, then
+    seconds per image with the real decoder (loaded as the workers load it: ONNX Runtime on a CPU)."""
+    from pathlib import Path
+
+    from backend.bench.click import synthetic_jpeg
+    from backend.pipeline.images import decode_image
+    from model.sam import SamModel
+
+    min_area = args.min_area / 100
+    print(f"segment everything: full grid vs coarse search on {args.everything_scenes} stand-in scenes ...", flush=True)
+    found = compare_on_scenes(args.everything_scenes, args.points_per_side, min_area)
+    figures = {"points_per_side": args.points_per_side, "min_area_percent": args.min_area, "stand_in": found}
+    if args.timed_scenes:
+        model = SamModel.load(Path(checkpoint), "0" * 64, args.device, onnx_dir=Path(work) / "onnx",
+                              threads=args.threads)
+        image = decode_image(synthetic_jpeg((args.width, args.height), seed=0), 10**9)
+        features = model.encode(image.input_image)  # the decoder's cost does not depend on what it is
+        print(f"timing both searches with the real decoder on {args.timed_scenes} scenes ...", flush=True)
+        figures["real_decoder"] = {"decoder": "onnxruntime" if model.onnx is not None else f"torch ({model.device})",
+                                   **time_on_real_decoder(model, features, args.timed_scenes, args.points_per_side,
+                                                          min_area)}
+    return figures
+
+
+def print_everything_table(figures: dict) -> None:
+    n = figures["points_per_side"]
+    total = figures["stand_in"]["total"]
+    print()
+    print(f"segment everything, {n}x{n} grid vs coarse search, minimum area {figures['min_area_percent']} % "
+          f"(STAND-IN decoder: a click answers the segment under it, on synthetic scenes of known objects)")
+    header = f"{'scene':>5} {'objects':>7} {'grid prompts':>12} {'coarse prompts':>14} {'grid found':>10} " \
+             f"{'coarse found':>12} {'grid objs coarse finds':>22} {'truth grid/coarse':>17}"
+    print(header)
+    print("-" * len(header))
+    for r in figures["stand_in"]["scenes"] + [dict(total, scene="all")]:
+        print(f"{r['scene']:>5} {r['objects_above_min_area']:>7} {r['grid_prompts']:>12} {r['coarse_prompts']:>14} "
+              f"{r['grid_found']:>10} {r['coarse_found']:>12} {r['grid_objects_coarse_finds']:>22} "
+              f"{str(r['truth_grid_finds']) + '/' + str(r['truth_coarse_finds']):>17}")
+    real = figures.get("real_decoder")
+    if real:
+        print(f"real decoder ({real['decoder']}, random weights) decoding every prompt each search sends:")
+        for kind in ("grid", "coarse"):
+            r = real[kind]
+            print(f"  {kind:>6}: {r['prompts_per_image']:.0f} prompts, {r['seconds_per_image']:.2f} s/image, "
+                  f"{r['ms_per_prompt']:.0f} ms/prompt")
+        print(f"  coarse is {real['grid']['seconds_per_image'] / max(real['coarse']['seconds_per_image'], 1e-9):.1f}x "
+              f"faster per image")
