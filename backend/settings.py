@@ -14,6 +14,7 @@ MODEL_TYPES = tuple(OFFICIAL)  # one list: the model types with an official chec
 OUTPUT_TYPES = ("both", "brush", "polygon")
 ZOOM_EDGES = ("cached", "always", "off")  # which windows may refine a large object's edges
 ZOOM_MAXIMA = (1, 2, 4, 8)  # window zooms are powers of two, so windows snap to one grid
+PRELABEL_SEARCHES = ("coarse", "grid")  # model.automatic.SEARCHES, named here so settings need no torch
 
 # every environment variable the backend reads; README.md documents each (a test checks both)
 ENV_VARS = (
@@ -23,7 +24,7 @@ ENV_VARS = (
     "EMBEDDING_TTL", "EMBEDDING_LRU_SIZE", "URL_DIGEST_TTL", "OUTPUT_TYPE", "POLYGON_TOLERANCE",
     "POLYGON_MIN_AREA", "POLYGON_MAX_VERTICES", "POLYGON_MAX_PARTS", "PRELABEL_ON_PREDICT",
     "EMBEDDED_REDIS_MAXMEMORY", "WARM_WORKERS",
-    "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE", "PREFETCH_TASKS",
+    "PRELABEL_LABEL", "PRELABEL_MIN_AREA", "PRELABEL_POINTS_PER_SIDE", "PRELABEL_SEARCH", "PREFETCH_TASKS",
     "HEADS_DIR", "HEAD_RELOAD_SECONDS", "TRAIN_AFTER_ANNOTATIONS", "TRAIN_STEPS", "TRAIN_MARGIN",
     "TRAIN_MIN_CORRECTIONS", "TRAIN_TIMEOUT", "JOB_MAX_RETRIES", "MAX_REQUEST_BYTES", "REQUEST_READ_TIMEOUT", "MAX_TASKS_PER_REQUEST",
     "WEBHOOK_SECRET", "METRICS_AUTH", "MAX_CONCURRENT_ENCODES", "ENCODE_WAIT",
@@ -74,6 +75,7 @@ class Settings:
     prelabel_label: str | None = None
     prelabel_min_area: float = 0.05
     prelabel_points_per_side: int = 16
+    prelabel_search: str = "coarse"  # model.automatic: coarse to fine, skipping points inside found masks; or "grid"
     prefetch_tasks: int = 3
     heads_dir: Path | None = None  # None: MODEL_DIR/heads
     head_reload_seconds: float = 2.0
@@ -135,6 +137,9 @@ class Settings:
         output_type = text("OUTPUT_TYPE", d.output_type).lower()
         if output_type not in OUTPUT_TYPES:
             raise SettingsError(f"OUTPUT_TYPE={output_type!r} must be one of {', '.join(OUTPUT_TYPES)}")
+        prelabel_search = text("PRELABEL_SEARCH", d.prelabel_search).lower()
+        if prelabel_search not in PRELABEL_SEARCHES:
+            raise SettingsError(f"PRELABEL_SEARCH={prelabel_search!r} must be one of {', '.join(PRELABEL_SEARCHES)}")
         zoom_edges = text("ZOOM_EDGES", d.zoom_edges).lower()
         if zoom_edges not in ZOOM_EDGES:
             raise SettingsError(f"ZOOM_EDGES={zoom_edges!r} must be one of {', '.join(ZOOM_EDGES)}")
@@ -204,6 +209,7 @@ class Settings:
             prelabel_label=text("PRELABEL_LABEL", None),
             prelabel_min_area=number("PRELABEL_MIN_AREA", d.prelabel_min_area, kind=float, minimum=0.0),
             prelabel_points_per_side=number("PRELABEL_POINTS_PER_SIDE", d.prelabel_points_per_side, minimum=1),
+            prelabel_search=prelabel_search,
             prefetch_tasks=number("PREFETCH_TASKS", d.prefetch_tasks, minimum=0),
             heads_dir=Path(heads_dir).expanduser() if (heads_dir := text("HEADS_DIR", None)) else None,
             head_reload_seconds=number("HEAD_RELOAD_SECONDS", d.head_reload_seconds, kind=float, minimum=0.0),

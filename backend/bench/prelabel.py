@@ -1,4 +1,5 @@
-"""`sam-backend bench prelabel`: images per minute of `sam-backend prelabel` with 1 and 2 workers.
+"""`sam-backend bench prelabel`: images per minute of `sam-backend prelabel` with 1 and 2 workers,
+after segment everything's full grid against its coarse search (backend.bench.everything).
 
 Runs the real thing: a Label Studio (started from its own virtualenv, SQLite, 127.0.0.1), a
 project of synthetic photos in a local-files storage, Redis, RQ workers, and the real pre-label
@@ -23,6 +24,7 @@ from rq import Worker
 
 from backend.jobs import queues as jobs
 from backend.bench.click import bench_checkpoint, free_port, synthetic_jpeg
+from backend.bench.everything import print_everything_table, run_everything_figures
 from backend.web.embedded_redis import EmbeddedRedis
 from backend.web.server import stop_process
 
@@ -112,13 +114,19 @@ def run_prelabel_bench(args) -> dict:
     ls_proc = None
     try:
         checkpoint = bench_checkpoint(args, work)
+        everything = run_everything_figures(checkpoint, work, args)
+        if not args.rounds:
+            return {"random_weights": bool(args.random_weights), "device": args.device,
+                    "points_per_side": args.points_per_side, "search": args.search, "everything": everything,
+                    "rounds": []}
         print("starting Label Studio ...", flush=True)
         ls_proc, ls_url = _start_label_studio(work, files, args.label_studio_venv)
         size = (args.width, args.height)
         project_id, task_ids = _make_project(ls_url, files, args.images, size)
         env = dict(os.environ, SAM_CHECKPOINT=checkpoint, REDIS_URL=redis_server.url, LABEL_STUDIO_URL=ls_url,
                    LABEL_STUDIO_API_KEY=_TOKEN, MODEL_DIR=str(work / "models"), DEVICE=args.device,
-                   LOG_LEVEL="WARNING", PRELABEL_POINTS_PER_SIDE=str(args.points_per_side))
+                   LOG_LEVEL="WARNING", PRELABEL_POINTS_PER_SIDE=str(args.points_per_side),
+                   PRELABEL_SEARCH=args.search, PRELABEL_MIN_AREA=str(args.min_area))
         from backend.pipeline.model_loader import ModelLoader
         from backend.settings import Settings
 
@@ -156,6 +164,7 @@ def run_prelabel_bench(args) -> dict:
         embedding_bytes = [connection.strlen(k) for k in connection.keys("sam-backend:emb:*")]
         return {"model_version": model_version, "random_weights": bool(args.random_weights), "device": args.device,
                 "image_size": f"{args.width}x{args.height}", "points_per_side": args.points_per_side,
+                "search": args.search, "everything": everything,
                 "embedding_bytes_p50": int(statistics.median(embedding_bytes)) if embedding_bytes else 0,
                 "rounds": rounds}
     finally:
@@ -165,10 +174,14 @@ def run_prelabel_bench(args) -> dict:
 
 
 def print_prelabel_table(figures: dict) -> None:
+    print_everything_table(figures["everything"])
+    if not figures["rounds"]:
+        return
     print()
     print(f"pre-label throughput, {figures['model_version']} "
           f"({'random weights' if figures['random_weights'] else 'checkpoint'}), {figures['image_size']} images, "
-          f"{figures['points_per_side']}x{figures['points_per_side']} prompt grid, device {figures['device']}")
+          f"{figures['points_per_side']}x{figures['points_per_side']} prompt grid, search {figures['search']}, "
+          f"device {figures['device']}")
     header = f"{'workers':>7} {'images':>6} {'failed':>6} {'seconds':>8} {'img/min':>8} {'encode s/img':>13} {'everything s/img':>17}"
     print(header)
     print("-" * len(header))

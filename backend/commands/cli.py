@@ -241,6 +241,15 @@ def _add_bench_commands(sub) -> None:
     pre.add_argument("--height", type=int, default=800)
     pre.add_argument("--workers", default="1,2", help="comma list of worker counts, one round each")
     pre.add_argument("--points-per-side", type=int, default=16)
+    pre.add_argument("--search", default="coarse", choices=("coarse", "grid"), help="PRELABEL_SEARCH of the workers")
+    pre.add_argument("--min-area", type=float, default=0.05, help="PRELABEL_MIN_AREA, percent of the image")
+    pre.add_argument("--everything-scenes", type=int, default=20,
+                     help="stand-in scenes for objects found, full grid vs coarse search")
+    pre.add_argument("--timed-scenes", type=int, default=2,
+                     help="scenes timed with the real decoder for each search (0: none)")
+    pre.add_argument("--threads", type=int, default=2, help="decoder threads for the timed scenes")
+    pre.add_argument("--no-rounds", dest="rounds", action="store_false",
+                     help="segment everything figures only: no Label Studio, no workers")
     pre.add_argument("--device", default="auto")
     pre.add_argument("--label-studio-venv", help="virtualenv holding label-studio (default ./.ls-venv)")
     pre.set_defaults(func=cmd_bench_prelabel)

@@ -150,7 +150,8 @@ class Predictor:
         label = self.settings.prelabel_label or config.default_label()
         outputs = config.outputs_for(label, self.settings.output_type)
         automatic = automatic or AutomaticConfig(points_per_side=self.settings.prelabel_points_per_side,
-                                                 min_area_fraction=self.settings.prelabel_min_area / 100)
+                                                 min_area_fraction=self.settings.prelabel_min_area / 100,
+                                                 search=self.settings.prelabel_search)
         url = task_image_url(task, config)
         if self.settings.prelabel_tiles and self.zoom.applies(embedding.original_size) \
                 and self.zoom.tiles(embedding.original_size):
