@@ -132,3 +132,32 @@ def test_prelabel_search_setting_is_checked():
         Settings.from_env({"PRELABEL_SEARCH": "spiral"})
     with pytest.raises(ValueError, match="search='spiral'"):
         AutomaticConfig(search="spiral")
+
+
+def test_bench_prelabel_compares_the_searches_without_label_studio(tiny_checkpoint, tmp_path):
+    """`bench prelabel --no-rounds`: the segment-everything table and a JSON last line, the real
+    (tiny) SAM timed on a scene, no Label Studio started."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run(
+        [sys.executable, "-m", "backend.commands.cli", "bench", "prelabel", "--no-rounds", "--everything-scenes", "2",
+         "--timed-scenes", "1", "--points-per-side", "8", "--width", "320", "--height", "240", "--device", "cpu",
+         "--threads", "1"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SAM_CHECKPOINT": str(tiny_checkpoint)},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "STAND-IN decoder" in run.stdout and "coarse is" in run.stdout
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    total = figures["everything"]["stand_in"]["total"]
+    assert total["grid_prompts"] == 2 * 64 and total["coarse_prompts"] < total["grid_prompts"]
+    assert total["grid_objects_coarse_finds"] == total["grid_found"] > 0
+    real = figures["everything"]["real_decoder"]
+    assert real["decoder"] == "onnxruntime" and real["grid"]["prompts_per_image"] == 64
+    # timed on scene 0: the real decoder's run sent the prompts the stand-in's run of scene 0 did
+    assert real["coarse"]["prompts_per_image"] == figures["everything"]["stand_in"]["scenes"][0]["coarse_prompts"]
+    assert real["coarse"]["seconds_per_image"] > 0  # speeds are the bench's, not a test's
+    assert figures["rounds"] == []
