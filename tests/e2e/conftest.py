@@ -89,7 +89,8 @@ class LabelStudioServer:
 
 
 class BackendServer:
-    def __init__(self, workdir: Path, checkpoint: Path, redis_url: str, ls_url: str, api_key: str):
+    def __init__(self, workdir: Path, checkpoint: Path, redis_url: str, ls_url: str, api_key: str,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items()}
@@ -102,6 +103,7 @@ class BackendServer:
             PRELABEL_POINTS_PER_SIDE="4",  # segment everything with 16 prompts: seconds, not minutes
             TRAIN_STEPS="15", TRAIN_MIN_CORRECTIONS="2", HEAD_RELOAD_SECONDS="0",  # a training run in seconds
         )
+        self.env.update(env or {})
         self.log = open(workdir / f"backend-{self.port}.log", "wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -140,6 +142,8 @@ class BackendServer:
 
 
 TIMINGS: dict[str, float] = {}
+# lines the browser tests measured (payload bytes, answer-to-visible times), printed at the end of the run
+PAGE_FIGURES: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -147,6 +151,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             "e2e timings: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in TIMINGS.items())
         )
+    for line in PAGE_FIGURES:
+        terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item: the browser fixtures take screenshots when the test failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
 
 
 @pytest.fixture(scope="module")
