@@ -14,7 +14,8 @@ import torch
 from torchvision.ops import nms
 
 from model.masks import logits_at_input
-from model.sam import SamModel
+from model.prompts import ModelPrompt
+from model.segmenter import Segmenter
 
 LOW_RES = 256
 
@@ -54,15 +55,16 @@ def stability(logits: torch.Tensor, offset: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def segment_everything(model: SamModel, features: np.ndarray, input_size: tuple[int, int],
+def segment_everything(model: Segmenter, features: np.ndarray, input_size: tuple[int, int],
                        config: AutomaticConfig = AutomaticConfig()) -> list[Found]:
     h, w = input_size
-    crop = ((h * LOW_RES + 1023) // 1024, (w * LOW_RES + 1023) // 1024)  # the unpadded part of the 256 grid
+    side = max(h, w)  # the padded input square (1024 for SAM, 512 for EfficientViT-SAM L)
+    crop = ((h * LOW_RES + side - 1) // side, (w * LOW_RES + side - 1) // side)  # the unpadded part of the 256 grid
     points = grid_points(config.points_per_side, input_size)
     if model.onnx is not None:
-        logits, scores = _candidates_onnx(model, features, points, crop)
+        logits, scores = _candidates_onnx(model, features, points, crop, input_size)
     else:
-        logits, scores = _candidates_torch(model, features, points, crop, config.points_per_batch)
+        logits, scores = _candidates_torch(model, features, points, crop, config.points_per_batch, input_size)
     keep = (scores >= config.pred_iou_thresh) & (stability(logits, config.stability_offset) >= config.stability_thresh)
     logits, scores = logits[keep], scores[keep]
     masks = logits > 0
@@ -84,39 +86,31 @@ def segment_everything(model: SamModel, features: np.ndarray, input_size: tuple[
     return found
 
 
-def _candidates_onnx(model: SamModel, features: np.ndarray, points: np.ndarray, crop) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidates_onnx(model: Segmenter, features: np.ndarray, points: np.ndarray, crop,
+                     input_size) -> tuple[torch.Tensor, torch.Tensor]:
     """One prompt at a time through ONNX Runtime (the best of SAM's three masks each): on a CPU
     that is about 60 ms a point, against ~140 ms a point for the batched torch decoder."""
-    from model import onnx_decoder
-
     logits, scores = [], []
     for point in points:
-        low, score = model.onnx(features, *onnx_decoder.onnx_points(point[None], np.ones(1, np.int64), None))
+        low, score = model.decode(features, ModelPrompt(point[None], np.ones(1, np.int64), None), input_size)
         logits.append(torch.from_numpy(low[: crop[0], : crop[1]].copy()))
         scores.append(score)
     return torch.stack(logits), torch.tensor(scores)
 
 
-def _candidates_torch(model: SamModel, features: np.ndarray, points: np.ndarray, crop,
-                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batches of prompts, all three masks each (the GPU path)."""
-    sam = model.sam
-    emb = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None].to(model.device)
-    image_pe = sam.prompt_encoder.get_dense_pe()
+def _candidates_torch(model: Segmenter, features: np.ndarray, points: np.ndarray, crop,
+                      batch_size: int, input_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batches of prompts, all three masks each (the GPU path; every family's decode_points)."""
     logits, scores = [], []
     for start in range(0, len(points), batch_size):
-        batch = torch.from_numpy(points[start:start + batch_size]).to(model.device)
-        labels = torch.ones(len(batch), 1, dtype=torch.int64, device=model.device)
-        sparse, dense = sam.prompt_encoder(points=(batch[:, None, :], labels), boxes=None, masks=None)
-        low, iou = sam.mask_decoder(image_embeddings=emb, image_pe=image_pe, sparse_prompt_embeddings=sparse,
-                                    dense_prompt_embeddings=dense, multimask_output=True)
-        logits.append(low.flatten(0, 1)[:, : crop[0], : crop[1]].float().cpu())
-        scores.append(iou.flatten().float().cpu())
+        low, iou = model.decode_points(features, points[start:start + batch_size], input_size)
+        logits.append(low[:, : crop[0], : crop[1]])
+        scores.append(iou)
     return torch.cat(logits), torch.cat(scores)
 
 
 def _upscale(low_res_crop: torch.Tensor, input_size: tuple[int, int]) -> np.ndarray:
-    """Cropped low-res logits -> logits at input size, placed the way the padded 256 grid maps to 1024."""
+    """Cropped low-res logits -> logits at input size, placed the way the padded 256 grid maps to the input square."""
     padded = torch.full((LOW_RES, LOW_RES), -20.0, dtype=low_res_crop.dtype)
     padded[: low_res_crop.shape[0], : low_res_crop.shape[1]] = low_res_crop.cpu()
     return logits_at_input(padded.numpy(), input_size)
