@@ -81,7 +81,11 @@ def _depth(weights: dict) -> int:
 
 
 def build(config: str, overrides: list[str]) -> torch.nn.Module:
-    from sam2.build_sam import build_sam2
+    try:
+        from sam2.build_sam import build_sam2
+    except ImportError as exc:  # an optional extra: say how to get it
+        raise CheckpointError("SAM 2.1 needs the sam2 package: SAM2_BUILD_CUDA=0 pip install 'sam-backend[sam2]' "
+                              f"(torch pinned on the same line) ({exc})") from exc
 
     # the image predictor's settings (apply_postprocessing: fall back to multimask when unstable)
     return build_sam2(config, None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
@@ -104,6 +108,8 @@ class Sam2Model(Segmenter):
         size, config, overrides = identify(checkpoint)
         try:
             sam = build(config, overrides)
+        except CheckpointError:
+            raise
         except Exception as exc:  # Hydra / omegaconf errors on a bad override
             raise CheckpointError(f"cannot build SAM 2.1 from {config} with {overrides}: {exc}") from exc
         load_strict(sam, checkpoint["model"], path, f"SAM 2.1 {size}")

@@ -24,7 +24,7 @@ class ObjectMask:
     mask: np.ndarray  # bool, encoder input size
 
 
-def _input_size(region: dict, long_side: int) -> tuple[int, int] | None:
+def _input_size(region: dict, long_side: int = IMAGE_SIZE) -> tuple[int, int] | None:
     width, height = region.get("original_width"), region.get("original_height")
     if not isinstance(width, (int, float)) or not isinstance(height, (int, float)) or width <= 0 or height <= 0:
         return None
