@@ -30,7 +30,7 @@ from torchvision.ops import nms
 
 from model.masks import logits_at_input
 from model.prompts import ModelPrompt
-from model.sam import IMAGE_SIZE
+from model.segmenter import Segmenter
 
 LOW_RES = 256
 SEARCHES = ("coarse", "grid")
@@ -116,32 +116,33 @@ def stability(logits: np.ndarray, offset: float) -> np.ndarray:
     return np.where(low > 0, high / np.maximum(low, 1), 0.0)
 
 
-def segment_everything(model, features: np.ndarray, input_size: tuple[int, int],
+def segment_everything(model: Segmenter, features: np.ndarray, input_size: tuple[int, int],
                        config: AutomaticConfig = AutomaticConfig()) -> list[Found]:
     return search_everything(model, features, input_size, config).objects
 
 
-def search_everything(model, features: np.ndarray, input_size: tuple[int, int],
+def search_everything(model: Segmenter, features: np.ndarray, input_size: tuple[int, int],
                       config: AutomaticConfig = AutomaticConfig()) -> Search:
     """`segment_everything` with its cost: how many grid points were decoded, in how many calls."""
-    decoder, batch = point_decoder(model, features, _crop(input_size), config.points_per_batch)
+    decoder, batch = point_decoder(model, features, _crop(input_size), config.points_per_batch, input_size)
     return search(decoder, batch, input_size, config)
 
 
-def point_decoder(model, features: np.ndarray, crop: tuple[int, int], points_per_batch: int) -> tuple[PointDecoder, int]:
+def point_decoder(model: Segmenter, features: np.ndarray, crop: tuple[int, int], points_per_batch: int,
+                  input_size: tuple[int, int]) -> tuple[PointDecoder, int]:
     """The model's decoder as a PointDecoder and the points it takes a call. SAM in torch without
     ONNX Runtime (the GPU path): batches of prompts, all three masks each. Otherwise one prompt at
     a time through the model's `decode` (on a CPU, ONNX Runtime: about 60 ms a point, against
     ~140 ms a point for the batched torch decoder), so the search can skip after every point."""
-    if getattr(model, "onnx", None) is None and getattr(model, "sam", None) is not None:
-        return _torch_decoder(model, features, crop), points_per_batch
-    return _decode_one_by_one(model, features, crop), 1
+    if model.onnx is None:
+        return _torch_decoder(model, features, crop, input_size), points_per_batch
+    return _decode_one_by_one(model, features, crop, input_size), 1
 
 
 def search(decoder: PointDecoder, batch: int, input_size: tuple[int, int], config: AutomaticConfig) -> Search:
     crop = _crop(input_size)
     points = grid_points(config.points_per_side, input_size)
-    cells = np.minimum((points * LOW_RES / IMAGE_SIZE).astype(int), [crop[1] - 1, crop[0] - 1])  # (x, y)
+    cells = np.minimum((points * LOW_RES / max(input_size)).astype(int), [crop[1] - 1, crop[0] - 1])  # (x, y)
     covered = np.zeros(crop, dtype=bool)
     skip = config.search != "grid"
     kept_logits, kept_scores = [], []
@@ -205,18 +206,20 @@ def _objects(logits: np.ndarray, scores: np.ndarray, input_size: tuple[int, int]
 
 
 def _crop(input_size: tuple[int, int]) -> tuple[int, int]:
-    """The unpadded part of the 256 grid."""
+    """The unpadded part of the 256 grid; the padded input square's side is the input's long side
+    (1024 for SAM, 512 for EfficientViT-SAM L)."""
     h, w = input_size
-    return (h * LOW_RES + IMAGE_SIZE - 1) // IMAGE_SIZE, (w * LOW_RES + IMAGE_SIZE - 1) // IMAGE_SIZE
+    side = max(h, w)
+    return (h * LOW_RES + side - 1) // side, (w * LOW_RES + side - 1) // side
 
 
-def _decode_one_by_one(model, features: np.ndarray, crop) -> PointDecoder:
+def _decode_one_by_one(model: Segmenter, features: np.ndarray, crop, input_size) -> PointDecoder:
     ones = np.ones(1, np.int64)
 
     def decode(points: np.ndarray):
         logits, scores = [], []
         for point in points:
-            low, score = model.decode(features, ModelPrompt(point[None].astype(np.float32), ones, None))
+            low, score = model.decode(features, ModelPrompt(point[None].astype(np.float32), ones, None), input_size)
             logits.append(low[: crop[0], : crop[1]])
             scores.append(score)
         return np.asarray(logits, dtype=np.float32)[:, None], np.asarray(scores, dtype=np.float32)[:, None]
@@ -224,25 +227,20 @@ def _decode_one_by_one(model, features: np.ndarray, crop) -> PointDecoder:
     return decode
 
 
-def _torch_decoder(model, features: np.ndarray, crop) -> PointDecoder:
-    sam = model.sam
-    emb = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None].to(model.device)
-    image_pe = sam.prompt_encoder.get_dense_pe()
+def _torch_decoder(model: Segmenter, features: np.ndarray, crop, input_size) -> PointDecoder:
+    """Batches of prompts, all three masks each (the GPU path; every family's decode_points)."""
 
     @torch.inference_mode()
     def decode(points: np.ndarray):
-        batch = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(model.device)
-        labels = torch.ones(len(batch), 1, dtype=torch.int64, device=model.device)
-        sparse, dense = sam.prompt_encoder(points=(batch[:, None, :], labels), boxes=None, masks=None)
-        low, iou = sam.mask_decoder(image_embeddings=emb, image_pe=image_pe, sparse_prompt_embeddings=sparse,
-                                    dense_prompt_embeddings=dense, multimask_output=True)
-        return low[:, :, : crop[0], : crop[1]].float().cpu().numpy(), iou.float().cpu().numpy()
+        low, iou = model.decode_points(features, points, input_size)  # (N * 3, 256, 256), (N * 3,)
+        low = low.reshape(len(points), -1, *low.shape[1:])[:, :, : crop[0], : crop[1]]
+        return low.float().cpu().numpy(), iou.reshape(len(points), -1).float().cpu().numpy()
 
     return decode
 
 
 def _upscale(low_res_crop: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
-    """Cropped low-res logits -> logits at input size, placed the way the padded 256 grid maps to 1024."""
+    """Cropped low-res logits -> logits at input size, placed the way the padded 256 grid maps to the input square."""
     padded = np.full((LOW_RES, LOW_RES), -20.0, dtype=np.float32)
     padded[: low_res_crop.shape[0], : low_res_crop.shape[1]] = low_res_crop
     return logits_at_input(padded, input_size)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from model.sam import IMAGE_SIZE
 
 
 def logits_at_input(low_res: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
-    """Upscale SAM's 256x256 logits to the padded 1024 square and crop the padding off.
+    """Upscale the decoder's 256x256 logits to the padded input square and crop the padding off.
+    The square's side is the input's long side (1024 for SAM, 512 for EfficientViT-SAM L).
 
     cv2's linear resize uses half-pixel centres like torch's bilinear with align_corners=False,
     so this is SamPredictor's first step at a fraction of its cost.
     """
     h, w = input_size
-    up = cv2.resize(low_res, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+    side = max(h, w)
+    up = cv2.resize(low_res, (side, side), interpolation=cv2.INTER_LINEAR)
     return up[:h, :w]
 
 

@@ -17,6 +17,8 @@ import torch
 from model import onnx_decoder
 from model.checkpoints import CheckpointError
 from model.prompts import ModelPrompt
+from model.segmenter import Segmenter, load_strict, multimask, read_state_dict, select_device  # noqa: F401 (re-exported)
+from model.segmenter import model_id as family_model_id
 
 log = logging.getLogger(__name__)
 
@@ -77,31 +79,16 @@ def build_sam(arch: Architecture) -> torch.nn.Module:
     )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only: a checkpoint is data, never code; mmap: peeking at shapes must not read 2.4 GB
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for corrupt / foreign files
-        raise CheckpointError(f"cannot read SAM checkpoint {path}: {exc}") from exc
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path} does not hold a state dict")
-    return state_dict
-
-
-def select_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError(f"DEVICE={requested} but CUDA is not available on this machine")
-    return torch.device(requested)
-
-
-class SamModel:
+class SamModel(Segmenter):
     """A loaded SAM: `encode` once per image, `decode` per click."""
+
+    family = "sam"
+    input_side = IMAGE_SIZE
 
     def __init__(self, sam: torch.nn.Module, arch: Architecture, checkpoint_digest: str, device: torch.device):
         self.sam = sam.eval().to(device)
         self.arch = arch
+        self.size = arch.name
         self.device = device
         self.checkpoint_digest = checkpoint_digest
         self.onnx: onnx_decoder.OnnxDecoder | None = None
@@ -114,30 +101,11 @@ class SamModel:
         state_dict = read_state_dict(path)
         arch = infer_architecture(state_dict)
         sam = build_sam(arch)
-        try:
-            sam.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{path} does not match a SAM {arch.name} model: {exc}") from exc
+        load_strict(sam, state_dict, path, f"SAM {arch.name}")
         log.info("loaded SAM %s from %s (sha256 %s)", arch.name, path, checkpoint_digest[:12])
         model = cls(sam, arch, checkpoint_digest, select_device(device))
-        if onnx_dir is not None and model.device.type == "cpu" and onnx_decoder.available():
-            onnx_path = onnx_dir / f"decoder-{model.model_id}.onnx"
-            try:
-                if not onnx_path.is_file():
-                    log.info("exporting the mask decoder to %s", onnx_path)
-                    onnx_decoder.export(model.sam, onnx_path)
-                model.onnx = onnx_decoder.OnnxDecoder(onnx_path, threads)
-            except Exception as exc:  # exporter and runtime raise many types (TypeError on an older torch)
-                # the ONNX decoder is a speed-up only: the same decoder runs in torch
-                log.warning("the mask decoder cannot run in ONNX Runtime (%s: %s); decoding in torch",
-                            exc.__class__.__name__, exc)
-                model.onnx = None
+        model.attach_onnx(model.sam, onnx_dir, threads)
         return model
-
-    @property
-    def model_id(self) -> str:
-        """Names what the embeddings depend on: the encoder's architecture and weights."""
-        return model_id(self.arch.name, self.checkpoint_digest)
 
     @torch.inference_mode()
     def encode(self, image: np.ndarray) -> np.ndarray:
@@ -145,14 +113,13 @@ class SamModel:
 
         Returns float32 features of shape (256, 64, 64).
         """
-        if image.ndim != 3 or image.shape[2] != 3 or max(image.shape[:2]) != IMAGE_SIZE:
-            raise ValueError(f"encode wants an RGB image with long side {IMAGE_SIZE}, got {image.shape}")
+        self.check_input(image)
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(self.device)
         x = x.permute(2, 0, 1)[None].float()
         x = self.sam.preprocess(x)  # normalise and pad to a square
         return self.sam.image_encoder(x)[0].float().cpu().numpy()
 
-    def decode(self, features: np.ndarray, prompt: ModelPrompt) -> tuple[np.ndarray, float]:
+    def decode(self, features: np.ndarray, prompt: ModelPrompt, input_size=None) -> tuple[np.ndarray, float]:
         """Low-res mask logits (256x256, covering the padded 1024 square) and SAM's IoU estimate."""
         if self.onnx is not None:
             return self.onnx(features, *onnx_decoder.onnx_points(prompt.points, prompt.labels, prompt.box))
@@ -169,21 +136,37 @@ class SamModel:
         box = None
         if prompt.box is not None:
             box = torch.as_tensor(prompt.box, dtype=torch.float32, device=self.device)[None]
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=box, masks=None)
-        # a lone click or a lone box is ambiguous (part or whole): take the best of three masks, the
-        # rule of SAM's own ONNX export, so both decoders agree
-        clicks = 0 if prompt.points is None else len(prompt.points)
-        multimask = (clicks == 1 and prompt.box is None) or (clicks == 0 and prompt.box is not None)
-        logits, scores = self.sam.mask_decoder(
-            image_embeddings=emb,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
-        best = int(torch.argmax(scores[0]))
-        return logits[0, best].float().cpu().numpy(), float(scores[0, best])
+        return sam_like_decode(self.sam.prompt_encoder, self.sam.mask_decoder, emb, points, box, multimask(prompt))
+
+    @torch.inference_mode()
+    def decode_points(self, features: np.ndarray, points: np.ndarray, input_size=None):
+        emb = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None].to(self.device)
+        return sam_like_points(self.sam.prompt_encoder, self.sam.mask_decoder, emb, points, self.device)
+
+
+def sam_like_decode(prompt_encoder, mask_decoder, emb, points, box, multimask_output: bool):
+    """SAM's prompt encoder + mask decoder (EfficientViT-SAM keeps both): best mask and its IoU estimate."""
+    sparse, dense = prompt_encoder(points=points, boxes=box, masks=None)
+    logits, scores = mask_decoder(
+        image_embeddings=emb,
+        image_pe=prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+    )
+    best = int(torch.argmax(scores[0]))
+    return logits[0, best].float().cpu().numpy(), float(scores[0, best])
+
+
+def sam_like_points(prompt_encoder, mask_decoder, emb, points: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One positive point per prompt, all three masks each, in one batch (segment everything)."""
+    batch = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(device)
+    labels = torch.ones(len(batch), 1, dtype=torch.int64, device=device)
+    sparse, dense = prompt_encoder(points=(batch[:, None, :], labels), boxes=None, masks=None)
+    low, iou = mask_decoder(image_embeddings=emb, image_pe=prompt_encoder.get_dense_pe(),
+                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+    return low.flatten(0, 1).float().cpu(), iou.flatten().float().cpu()
 
 
 def model_id(arch_name: str, checkpoint_digest: str) -> str:
-    return f"{arch_name}-{checkpoint_digest[:12]}"
+    return family_model_id("sam", arch_name, checkpoint_digest)

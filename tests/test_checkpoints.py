@@ -291,3 +291,38 @@ def test_a_decoder_that_cannot_be_exported_to_onnx_falls_back_to_torch(tiny_chec
     features = model.encode(np.zeros((768, 1024, 3), np.uint8))
     logits, _ = model.decode(features, to_model(Prompt(((0.5, 0.5),), (1,)), (768, 1024)))
     assert logits.shape == (256, 256) and np.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------- files without a published sha256
+
+
+def test_a_download_without_published_sha256_is_recorded_and_checked_on_every_start(image_server, tmp_path,
+                                                                                     monkeypatch):
+    image_server.add("/sam2.1_hiera_tiny.pt", CKPT_BYTES)
+    local = OfficialCheckpoint("hiera_t", image_server.url + "/sam2.1_hiera_tiny.pt", None, "SAM 2.1")
+    monkeypatch.setitem(OFFICIAL, "hiera_t", local)
+    model_dir = tmp_path / "models"
+    path = resolve_checkpoint("hiera_t", None, model_dir)
+    record = path.with_name(path.name + ".sha256")
+    assert record.read_text().strip() == hashlib.sha256(CKPT_BYTES).hexdigest()
+    assert resolve_checkpoint("hiera_t", None, model_dir) == path  # unchanged: accepted, no second download
+    assert len(image_server.requests) == 1
+    path.write_bytes(CKPT_BYTES[:-1] + b"x")  # changed behind our back (a partial copy, a swapped file)
+    with pytest.raises(CheckpointError, match="changed since") as info:
+        resolve_checkpoint("hiera_t", None, model_dir)
+    assert hashlib.sha256(CKPT_BYTES).hexdigest() in str(info.value)
+
+
+def test_download_follows_redirects_on_its_own_host_and_refuses_others(image_server, tmp_path):
+    image_server.add("/real.pt", CKPT_BYTES)
+    image_server.redirects["/moved.pt"] = (302, "/real.pt")
+    image_server.redirects["/away.pt"] = (302, f"http://localhost:{image_server.port}/real.pt")
+    digest = hashlib.sha256(CKPT_BYTES).hexdigest()
+    target = tmp_path / "checkpoints" / "moved.pt"
+    download_official(OfficialCheckpoint("l0", image_server.url + "/moved.pt", digest), target)
+    assert target.read_bytes() == CKPT_BYTES
+    away = tmp_path / "checkpoints" / "away.pt"
+    with pytest.raises(CheckpointError, match="redirected the checkpoint download to 'localhost'"):
+        download_official(OfficialCheckpoint("l0", image_server.url + "/away.pt", digest), away)
+    assert not away.exists()
+    assert ("/real.pt", None) in image_server.requests and len(image_server.requests) == 3  # never fetched via localhost

@@ -74,8 +74,9 @@ def smooth_logits(low_res_side: int = 256, input_size: tuple[int, int] = (1024, 
     """Logits of an object-shaped mask (an ellipse with a bump) on SAM's 256 grid: what real weights give."""
     yy, xx = np.mgrid[0:low_res_side, 0:low_res_side].astype(np.float32)
     h, w = input_size
-    cy, cx = low_res_side * h / 1024 * 0.5, low_res_side * w / 1024 * 0.45
-    d = ((xx - cx) / (w / 1024 * 70)) ** 2 + ((yy - cy) / (h / 1024 * 50)) ** 2
+    side = max(h, w)  # the padded input square the grid covers (1024, or 512 for EfficientViT-SAM L)
+    cy, cx = low_res_side * h / side * 0.5, low_res_side * w / side * 0.45
+    d = ((xx - cx) / (w / side * 70)) ** 2 + ((yy - cy) / (h / side * 50)) ** 2
     bump = ((xx - cx - 55) / 20) ** 2 + ((yy - cy) / 25) ** 2
     return (np.maximum(1 - d, 1 - bump) * 8).astype(np.float32)
 
@@ -98,6 +99,12 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def input_side(model_type: str) -> int:
+    from model.efficientvit_family import INPUT_SIDES
+
+    return INPUT_SIDES.get(model_type, 1024)
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -115,12 +122,12 @@ def bench_checkpoint(args, work: Path) -> str:
             sys.exit("benchmarks need real weights (SAM_CHECKPOINT) or the explicit --random-weights flag")
         return checkpoint
     import torch
-    from segment_anything import sam_model_registry
+
+    from model.families import random_checkpoint
 
     path = work / f"random_{args.model_type}.pth"
     print(f"writing a random-weight {args.model_type} checkpoint (benchmark only) ...", flush=True)
-    torch.manual_seed(0)
-    torch.save(sam_model_registry[args.model_type](checkpoint=None).state_dict(), path)
+    torch.save(random_checkpoint(args.model_type), path)
     return str(path)
 
 
@@ -203,7 +210,8 @@ def run_click_bench(args) -> dict:
                                                                             x, y, size, project=HEAD_PROJECT))
                     head_warm.append(elapsed)
                     head_stage.append(timing.get("head", float("nan")))
-                in_h, in_w = (1024, round(1024 * size[0] / size[1])) if size[1] > size[0] else (round(1024 * size[1] / size[0]), 1024)
+                side = input_side(args.model_type)
+                in_h, in_w = (side, round(side * size[0] / size[1])) if size[1] > size[0] else (round(side * size[1] / size[0]), side)
                 from model.masks import logits_at_input
 
                 smooth_input = logits_at_input(smooth_logits(256, (in_h, in_w)), (in_h, in_w))
@@ -245,14 +253,18 @@ def _install_head(heads_dir: Path, model_version: str) -> None:
     from model.registry import HeadRegistry
 
     registry = HeadRegistry(heads_dir)
-    saved = registry.save(HEAD_PROJECT, RefineHead(), {"base_model_id": model_version.removeprefix("sam-"),
+    from model.segmenter import safe_id
+
+    # model ids: SAM's version less "sam-", the other families' version made id-safe (model.segmenter)
+    base = model_version.removeprefix("sam-") if model_version.startswith("sam-") else safe_id(model_version)
+    saved = registry.save(HEAD_PROJECT, RefineHead(), {"base_model_id": base,
                                                        "status": "promoted", "reason": "bench"})
     registry.set_current(HEAD_PROJECT, saved.version, "bench click --head")
 
 
 def print_click_table(figures: dict) -> None:
     print()
-    print(f"click latency, SAM {figures['model_type']} ({'random weights' if figures['random_weights'] else 'checkpoint'}),"
+    print(f"click latency, {figures['model_type']} ({'random weights' if figures['random_weights'] else 'checkpoint'}),"
           f" device {figures['device']}, through gunicorn + Redis")
     header = f"{'image':<6} {'output':<8} {'cold p50':>9} {'warm p50':>9} {'warm p95':>9} {'out stage':>10} {'bytes':>10}" \
              f" {'smooth out':>11} {'smooth p50':>11} {'smooth B':>9} {'cold/warm':>9}"

@@ -110,6 +110,12 @@ def cmd_bench_click(args) -> int:
     return _bench(run_click_bench, print_click_table, args)
 
 
+def cmd_bench_encoder(args) -> int:
+    from backend.bench.encoder import print_encoder_table, run_encoder_bench
+
+    return _bench(run_encoder_bench, print_encoder_table, args)
+
+
 def cmd_bench_learn(args) -> int:
     from backend.bench.learn import print_learn_table, run_learn_bench
 
@@ -211,7 +217,7 @@ def _weights_options(parser) -> None:
 
 
 def _add_bench_commands(sub) -> None:
-    """bench click | learn | prelabel | fidelity | load."""
+    """bench click | encoder | learn | prelabel | fidelity | load."""
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     click = bench_sub.add_parser("click", help="cold and warm click latency through the real HTTP stack")
@@ -225,6 +231,16 @@ def _add_bench_commands(sub) -> None:
     click.add_argument("--head", action="store_true",
                        help="also time warm clicks on a project served a refinement head")
     click.set_defaults(func=cmd_bench_click)
+
+    enc = bench_sub.add_parser("encoder", help="every installed model family and size: encoder seconds, peak RSS, "
+                                                "stored embedding, warm clicks through the real HTTP stack")
+    enc.add_argument("--models", default="", help="comma list of SAM_MODEL_TYPE values (default: all installed)")
+    enc.add_argument("--repeat", type=int, default=3, help="encodes per model (the median is reported)")
+    enc.add_argument("--sizes", default="1MP,20MP", help="image sizes of the click timings")
+    enc.add_argument("--warm", type=int, default=10, help="warm clicks per size and output (0: encoder figures only)")
+    enc.add_argument("--threads", type=int, default=0, help="torch threads (0: library default)")
+    enc.add_argument("--device", default="auto")
+    enc.set_defaults(func=cmd_bench_encoder)
 
     learn = bench_sub.add_parser("learn", help="held-out mIoU / NoC@90 of base vs refinement head as corrections arrive")
     learn.add_argument("--rounds", default="10,25,50,100", help="corrections available after each round (cumulative)")

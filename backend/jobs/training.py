@@ -39,7 +39,7 @@ class SamBase:
         self.model = model
 
     def __call__(self, embedding, prompt: ModelPrompt) -> np.ndarray:
-        low_res, _ = self.model.decode(embedding.features, prompt)
+        low_res, _ = self.model.decode(embedding.features, prompt, embedding.input_size)
         return logits_at_input(low_res, embedding.input_size)
 
 
@@ -66,7 +66,7 @@ def collect_corrections(services, tasks: list[dict], config, progress: Progress)
     """Each object of each submitted annotation, with its image's embedding (cached, or computed now)."""
     found = []
     for done, task in enumerate(tasks):
-        objects = task_objects(task, config)
+        objects = task_objects(task, config, services.loader.get().input_side)
         if objects:
             try:
                 url = task_image_url(task, config)

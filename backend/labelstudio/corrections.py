@@ -24,15 +24,16 @@ class ObjectMask:
     mask: np.ndarray  # bool, encoder input size
 
 
-def _input_size(region: dict) -> tuple[int, int] | None:
+def _input_size(region: dict, long_side: int = IMAGE_SIZE) -> tuple[int, int] | None:
     width, height = region.get("original_width"), region.get("original_height")
     if not isinstance(width, (int, float)) or not isinstance(height, (int, float)) or width <= 0 or height <= 0:
         return None
-    return preprocess_shape(int(height), int(width), IMAGE_SIZE)
+    return preprocess_shape(int(height), int(width), long_side)
 
 
-def task_objects(task: dict, config: ProjectConfig) -> list[ObjectMask]:
-    """Every brush / polygon object of the task's newest submitted annotation."""
+def task_objects(task: dict, config: ProjectConfig, long_side: int = IMAGE_SIZE) -> list[ObjectMask]:
+    """Every brush / polygon object of the task's newest submitted annotation, in the input frame of an
+    encoder whose input side is `long_side`."""
     annotation = newest_annotation(task)
     if annotation is None:
         return []
@@ -40,7 +41,7 @@ def task_objects(task: dict, config: ProjectConfig) -> list[ObjectMask]:
     for region in annotation.get("result") or []:
         if region.get("to_name") != config.image_name:
             continue
-        size = _input_size(region)
+        size = _input_size(region, long_side)
         parsed = region_mask(region, size) if size else None
         if parsed is not None and np.count_nonzero(parsed[1]) >= MIN_OBJECT_PIXELS:
             found.append(ObjectMask(task["id"], parsed[0], parsed[1]))

@@ -332,7 +332,7 @@ class Embedder:
     def _encode(self, key: str, digest: str, data: bytes, timings: Timings) -> Embedding:
         model = self.loader.get()
         start = time.perf_counter()
-        image = decode_image(data, self.settings.max_image_pixels)
+        image = decode_image(data, self.settings.max_image_pixels, model.input_side)
         timings.add("decode_image", time.perf_counter() - start)
         start = time.perf_counter()
         features = model.encode(image.input_image)
@@ -345,7 +345,7 @@ class Embedder:
         return embedding
 
     def input_image(self, url: str) -> np.ndarray:
-        """The encoder-input image (RGB, long side 1024) that the refinement head looks at."""
+        """The encoder-input image (RGB, long side the encoder's input side) that the refinement head looks at."""
         digest = self.cache.url_digest(url)
         image = None if digest is None else self._images.get(digest)
         if image is None and digest is not None:
@@ -354,7 +354,7 @@ class Embedder:
             data = self.fetcher.fetch(url)
             digest = content_digest(data)
             self.cache.remember_url(url, digest)
-            image = decode_image(data, self.settings.max_image_pixels).input_image
+            image = decode_image(data, self.settings.max_image_pixels, self.loader.get().input_side).input_image
             self.cache.put_image(digest, image)
         with self._locks_guard:
             self._images[digest] = image

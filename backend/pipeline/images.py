@@ -446,8 +446,9 @@ def _as_browser_shows(image: Image.Image) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
-    """Decode, apply EXIF orientation (browsers do, so Label Studio's percentages assume it), resize for SAM."""
+def decode_image(data: bytes, max_pixels: int, long_side: int = IMAGE_SIZE) -> DecodedImage:
+    """Decode, apply EXIF orientation (browsers do, so Label Studio's percentages assume it), resize so
+    the long side is the encoder's input side (`long_side`)."""
     # no raster format starts with "<"; an SVG may open with a BOM, <?xml, a DOCTYPE or a comment
     head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith(b"<") and b"<svg" in head:
@@ -460,7 +461,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         orientation = image.getexif().get(0x0112, 1)
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        target_h, target_w = preprocess_shape(height, width, IMAGE_SIZE)
+        target_h, target_w = preprocess_shape(height, width, long_side)
         # JPEG can decode at 1/2, 1/4, 1/8 scale directly: a 20 MP photo then costs a fraction
         draft_size = (target_h, target_w) if orientation in (5, 6, 7, 8) else (target_w, target_h)
         image.draft("RGB", draft_size)

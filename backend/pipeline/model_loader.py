@@ -1,4 +1,5 @@
-"""Resolve the checkpoint at start (cheap), load SAM once per process (in the background), report errors clearly.
+"""Resolve the checkpoint at start (cheap), load the model (any family: model/families.py) once per
+process (in the background), report errors clearly.
 
 /setup is called on every Label Studio page view and must answer `model_version` without loading
 a model, so the version comes from the checkpoint's digest and shapes, read without loading weights.
@@ -14,7 +15,8 @@ import torch
 from backend.errors import ModelUnavailable
 from backend.settings import Settings
 from model.checkpoints import CheckpointError, checkpoint_digest, resolve_checkpoint
-from model.sam import SamModel, infer_architecture, model_id, read_state_dict
+from model import families
+from model.segmenter import Segmenter, model_version
 
 log = logging.getLogger(__name__)
 
@@ -22,24 +24,26 @@ log = logging.getLogger(__name__)
 class ModelLoader:
     def __init__(self, settings: Settings, download: bool = True):
         self.settings = settings
-        self._model: SamModel | None = None
+        self._model: Segmenter | None = None
         self._lock = threading.Lock()
         self._error: str | None = None
-        self.model_version = f"sam-{settings.sam_model_type}-unavailable"
+        self.model_version = model_version(families.FAMILY_OF[settings.sam_model_type], settings.sam_model_type,
+                                           "unavailable")
         self.model_id = ""
         try:
             self.path = resolve_checkpoint(
                 settings.sam_model_type, settings.sam_checkpoint, settings.model_dir, download=download
             )
             digest = checkpoint_digest(self.path, settings.model_dir)
-            arch = infer_architecture(read_state_dict(self.path))
+            identity = families.identify_file(self.path)
         except CheckpointError as exc:
             self._error = str(exc)
             log.error("SAM checkpoint unavailable: %s", exc)
             return
         self.digest = digest
-        self.model_id = model_id(arch.name, digest)
-        self.model_version = f"sam-{self.model_id}"
+        self.identity = identity
+        self.model_id = identity.model_id(digest)  # names family, architecture and weights: caches never mix
+        self.model_version = identity.model_version(digest)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
 
@@ -47,7 +51,7 @@ class ModelLoader:
     def error(self) -> str | None:
         return self._error
 
-    def get(self) -> SamModel:
+    def get(self) -> Segmenter:
         if self._model is not None:
             return self._model
         with self._lock:
@@ -55,7 +59,7 @@ class ModelLoader:
                 if self._error is not None:
                     raise ModelUnavailable(self._error)
                 try:
-                    self._model = SamModel.load(
+                    self._model = families.load(
                         self.path,
                         self.digest,
                         self.settings.device,
@@ -66,8 +70,8 @@ class ModelLoader:
                     self._error = str(exc)
                     raise ModelUnavailable(self._error) from exc
                 except Exception as exc:  # building the model failed (torch, CUDA, memory): say so, once
-                    log.exception("SAM could not be built")
-                    self._error = f"SAM could not be built from {self.path}: {exc.__class__.__name__}: {exc}"
+                    log.exception("the model could not be built")
+                    self._error = f"the model could not be built from {self.path}: {exc.__class__.__name__}: {exc}"
                     raise ModelUnavailable(self._error) from exc
         return self._model
 

@@ -80,7 +80,7 @@ class Predictor:
     def _decode(self, embedding, prompt, timings: Timings):
         """The prompt on the whole-image embedding: low-res logits and SAM's IoU estimate."""
         start = time.perf_counter()
-        found = self.loader.get().decode(embedding.features, to_model(prompt, embedding.input_size))
+        found = self.loader.get().decode(embedding.features, to_model(prompt, embedding.input_size), embedding.input_size)
         timings.add("decode", time.perf_counter() - start)
         return found
 
@@ -203,7 +203,8 @@ class Predictor:
         model = self.loader.get()
         start = time.perf_counter()
         model_prompt = to_model(prompt, embedding.input_size)
-        low_res, score = decoded if decoded is not None else model.decode(embedding.features, model_prompt)
+        low_res, score = decoded if decoded is not None else model.decode(embedding.features, model_prompt,
+                                                                           embedding.input_size)
         score = min(max(score, 0.0), 1.0)  # SAM's IoU estimate can leave [0, 1]; Label Studio wants it inside
         logits = logits_at_input(low_res, embedding.input_size)
         elapsed = time.perf_counter() - start

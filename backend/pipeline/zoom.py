@@ -26,7 +26,6 @@ from backend.pipeline.model_loader import ModelLoader
 from backend.pipeline.timings import Timings
 from backend.settings import Settings
 from model.prompts import Prompt
-from model.sam import IMAGE_SIZE
 from model.windows import Window, grid_windows, levels
 from model.zoom import PATH_WHOLE, PixelPrompt, ZoomAnswer, ZoomConfig, answer
 
@@ -36,8 +35,8 @@ _FULL_IMAGES = 2  # full-resolution images kept per process (60 MB each at 20 MP
 
 
 def input_side(model) -> int:
-    """The encoder's input side: 1024 for SAM; a model family with another input says so as `input_side`."""
-    return int(getattr(model, "input_side", IMAGE_SIZE))
+    """The encoder's input side (model.segmenter): 1024 for SAM and SAM 2.1, 512 for EfficientViT-SAM L."""
+    return int(model.input_side)
 
 
 class ZoomPath:
@@ -69,11 +68,11 @@ class ZoomPath:
         encoded: list[Window] = []
 
         def embed(window: Window):
-            return self.window_embedding(url, digest, window, timings, encoded).features
+            return self.window_embedding(url, digest, window, timings, encoded)
 
-        def decode(features, model_prompt):
+        def decode(window_embedding: Embedding, model_prompt):
             start = time.perf_counter()
-            found = model.decode(features, model_prompt)
+            found = model.decode(window_embedding.features, model_prompt, window_embedding.input_size)
             timings.add("decode", time.perf_counter() - start)
             return found
 

@@ -1,0 +1,139 @@
+"""`sam-backend bench encoder`: every installed model family and size side by side (random weights of
+the real architectures: an encoder costs the same whatever its weights).
+
+Per model: seconds per image of the encoder alone (median of --repeat, a 1 MP photo resized to the
+model's input), peak RSS of a process that loads the model and encodes (its own process, so models
+do not share a peak), the stored embedding (the cache entry exactly as Redis holds it), then warm
+click p50 at 1 MP and 20 MP, brush and polygon, through the real HTTP stack (`bench click`'s
+machinery: gunicorn + Redis + an image server). Clicks take the whole-image path (ZOOM_THRESHOLD=0):
+zoom windows cost a window decode per click whatever the family (`bench fidelity` times them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from backend.bench.click import SIZES, run_click_bench, synthetic_jpeg
+
+
+def measure(model_type: str, checkpoint: str, repeat: int, device: str) -> dict:
+    """In this process: load, encode `repeat` times, measure the stored entry and the peak RSS."""
+    import numpy as np
+
+    from backend.pipeline.embeddings import Embedding, serialize
+    from backend.pipeline.images import decode_image
+    from model import families
+    from model.checkpoints import sha256_file
+
+    start = time.perf_counter()
+    model = families.load(Path(checkpoint), sha256_file(Path(checkpoint)), device)
+    load_seconds = time.perf_counter() - start
+    image = decode_image(synthetic_jpeg(SIZES["1MP"], seed=5), 10**9, model.input_side)
+    model.encode(image.input_image)  # first pass: allocator and kernel warm-up, not a figure
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        features = model.encode(image.input_image)
+        if model.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    blob = serialize(Embedding.quantized(features, image.original_size, image.input_size))
+    return {"family": model.family, "size": model.size, "input_side": model.input_side,
+            "encode_seconds": round(statistics.median(seconds), 3), "encode_runs": [round(s, 3) for s in seconds],
+            "load_seconds": round(load_seconds, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "embedding_shape": list(features.shape), "embedding_bytes": len(blob),
+            "embedding_raw_fp16_bytes": int(np.prod(features.shape) * 2)}
+
+
+def run_encoder_bench(args) -> dict:
+    import torch
+
+    from model import families
+
+    wanted = [m for m in (args.models.split(",") if args.models else families.MODEL_TYPES) if m]
+    unknown = [m for m in wanted if m not in families.MODEL_TYPES]
+    if unknown:
+        sys.exit(f"unknown model types {unknown}; known: {', '.join(families.MODEL_TYPES)}")
+    skipped = [m for m in wanted if not families.installed(m)]
+    work = Path(tempfile.mkdtemp(prefix="sam-bench-encoder-"))
+    figures: dict = {"device": args.device, "threads": args.threads, "random_weights": True,
+                     "click_path": "whole image (ZOOM_THRESHOLD=0)", "skipped_not_installed": skipped, "models": []}
+    os.environ["ZOOM_THRESHOLD"] = "0"  # read by the backend bench click starts
+    if args.threads:
+        os.environ["TORCH_THREADS"] = str(args.threads)
+    for model_type in [m for m in wanted if m not in skipped]:
+        print(f"== {model_type}: writing a random-weight checkpoint of the real architecture ...", flush=True)
+        checkpoint = work / f"random_{model_type.replace('+', 'plus')}.pt"
+        torch.save(families.random_checkpoint(model_type), checkpoint)
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        child = subprocess.run([sys.executable, "-m", "backend.bench.encoder", "--measure", model_type, str(checkpoint),
+                                str(args.repeat), args.device, str(args.threads)],
+                               env=env, capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"measuring {model_type} failed: {child.stderr[-2000:]}")
+        row = {"model_type": model_type, **json.loads(child.stdout.strip().splitlines()[-1])}
+        print(f"   encode {row['encode_seconds']} s/image, peak RSS {row['peak_rss_mb']} MB, "
+              f"entry {row['embedding_bytes'] / 1e6:.2f} MB", flush=True)
+        if args.warm:
+            os.environ["SAM_CHECKPOINT"] = str(checkpoint)  # bench click serves the file SAM_CHECKPOINT names
+            clicks = run_click_bench(argparse.Namespace(
+                random_weights=False, model_type=model_type, sizes=args.sizes, outputs="brush,polygon", cold=1,
+                warm=args.warm, threads=4, device=args.device, head=False))
+            del os.environ["SAM_CHECKPOINT"]
+            row["clicks"] = {size: {"cold_ms_p50": r["cold_ms"]["p50"],
+                                    **{out: r[out]["warm_ms"]["p50"] for out in ("brush", "polygon") if out in r}}
+                             for size, r in clicks["sizes"].items()}
+        checkpoint.unlink()
+        figures["models"].append(row)
+    rows = figures["models"]
+    base = next((r for r in rows if r["model_type"] == "vit_b"), None)
+    if base:
+        for r in rows:
+            r["speedup_vs_vit_b"] = round(base["encode_seconds"] / r["encode_seconds"], 1)
+    if rows:
+        figures["fastest"] = min(rows, key=lambda r: r["encode_seconds"])["model_type"]
+    return figures
+
+
+def print_encoder_table(figures: dict) -> None:
+    print()
+    print(f"encoders, random weights of the real architectures, device {figures['device']}, "
+          f"{figures['threads'] or 'default'} threads; clicks: {figures['click_path']} through gunicorn + Redis")
+    header = (f"{'model':<9} {'family':<17} {'input':>5} {'s/image':>8} {'vs vit_b':>8} {'peak RSS':>9} {'entry':>9}"
+              f" {'1MP brush':>10} {'1MP poly':>9} {'20MP brush':>11} {'20MP poly':>10} {'cold 1MP':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in figures["models"]:
+        c = r.get("clicks", {})
+        one, twenty = c.get("1MP", {}), c.get("20MP", {})
+
+        def ms(v):
+            return f"{v:.0f}ms" if isinstance(v, (int, float)) else "-"
+
+        print(f"{r['model_type']:<9} {r['family']:<17} {r['input_side']:>5} {r['encode_seconds']:>7.2f}s"
+              f" {str(r.get('speedup_vs_vit_b', '-')) + 'x':>8} {r['peak_rss_mb']:>7}MB {r['embedding_bytes'] / 1e6:>7.2f}MB"
+              f" {ms(one.get('brush')):>10} {ms(one.get('polygon')):>9} {ms(twenty.get('brush')):>11}"
+              f" {ms(twenty.get('polygon')):>10} {ms(one.get('cold_ms_p50')):>9}")
+    if figures["skipped_not_installed"]:
+        print(f"not installed here (skipped): {', '.join(figures['skipped_not_installed'])}")
+    print("s/image: encoder only, median; entry: the stored cache entry (fp16, byte-shuffled, zstd); clicks: warm p50")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--measure"]:
+    _, _, model_type, checkpoint, repeat, device, threads = sys.argv
+    if int(threads):
+        import torch
+
+        torch.set_num_threads(int(threads))
+    print(json.dumps(measure(model_type, checkpoint, int(repeat), device)))
