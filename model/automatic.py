@@ -134,7 +134,7 @@ def point_decoder(model: Segmenter, features: np.ndarray, crop: tuple[int, int],
     ONNX Runtime (the GPU path): batches of prompts, all three masks each. Otherwise one prompt at
     a time through the model's `decode` (on a CPU, ONNX Runtime: about 60 ms a point, against
     ~140 ms a point for the batched torch decoder), so the search can skip after every point."""
-    if model.onnx is None:
+    if getattr(model, "onnx", None) is None and hasattr(model, "decode_points"):  # (stand-ins decode one by one)
         return _torch_decoder(model, features, crop, input_size), points_per_batch
     return _decode_one_by_one(model, features, crop, input_size), 1
 

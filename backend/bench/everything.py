@@ -117,11 +117,11 @@ class SceneDecoder:
         x, y = point
         return int(labels[min(int(y), labels.shape[0] - 1), min(int(x), labels.shape[1] - 1)])
 
-    def decode(self, features: np.ndarray, prompt: ModelPrompt) -> tuple[np.ndarray, float]:
+    def decode(self, features: np.ndarray, prompt: ModelPrompt, input_size=None) -> tuple[np.ndarray, float]:
         self.prompts += 1
         if self.timed_by is not None:
             model, real_features = self.timed_by
-            model.decode(real_features, prompt)
+            model.decode(real_features, prompt, input_size)
         label = self._label_at(features, prompt.points[0])
         return self._segment(features, label, False), (UNSURE if label == CLUTTER else SURE)
 
