@@ -26,7 +26,10 @@ SUGGESTIONS_WATCH = """
   const look = () => {
     const info = document.querySelector('.lsf-auto-accept__info');
     const text = info ? info.textContent : null;
-    if (text && text !== last) {
+    // rearmed once an answer has arrived: an answer with as many regions as the last one leaves the
+    // text as it was, so its first painted frame after the answer counts instead
+    if (text && (text !== last || window.__rearm)) {
+      window.__rearm = false;
       const seen = performance.now();
       requestAnimationFrame(() => requestAnimationFrame(() =>
         window.__shown.push({text, seen, painted: performance.now()})));
@@ -136,6 +139,8 @@ class Editor:
         self.answers.append(answer)
         if answer.body.get("data", {}).get("result"):
             # the editor shows the count of what it drew; then the second frame after it is painted
+            if self.page.evaluate(f"window.__shown.length == {shown_before}"):
+                self.page.evaluate("window.__rearm = true")
             self.page.wait_for_function(f"() => window.__shown.length > {shown_before}", timeout=timeout * 1000)
             shown = self.page.evaluate("window.__shown")[-1]
             answered_at = self.page.evaluate(
