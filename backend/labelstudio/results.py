@@ -35,10 +35,11 @@ def brush_region(
     return _region(tag, to_name, original_size, value, score)
 
 
-# SAM answers on a 256 x 256 grid over its 1024 px input: one cell is 4 x 4 input pixels. A part of a
-# whole-image answer smaller than one cell is interpolation between cells, never a structure the
-# decoder saw (on a 20 MP photo one cell is ~450 full-resolution pixels, above POLYGON_MIN_AREA)
-_CELL_INPUT_PIXELS = 16
+# The decoder answers on a 256 x 256 grid over its input square (1024 px for SAM: one cell is 4 x 4
+# input pixels; 512 px for EfficientViT-SAM L: 2 x 2). A part of a whole-image answer smaller than
+# one cell is interpolation between cells, never a structure the decoder saw (on a 20 MP photo one
+# cell is ~450 full-resolution pixels, above POLYGON_MIN_AREA)
+_DECODER_GRID = 256
 
 
 def polygon_regions(
@@ -58,7 +59,8 @@ def polygon_regions(
     mask = masks.mask_at_input(logits_input)
     in_h, in_w = mask.shape
     height, width = original_size
-    min_area = max(min_area_full_res * (in_h * in_w) / (height * width), _CELL_INPUT_PIXELS)
+    cell_pixels = (max(in_h, in_w) / _DECODER_GRID) ** 2
+    min_area = max(min_area_full_res * (in_h * in_w) / (height * width), cell_pixels)
     regions = []
     for poly in masks.polygons(mask, tolerance, min_area, max_vertices, max_parts, keep_largest=True):
         # pixel centres -> percent of the image
