@@ -22,6 +22,7 @@ from PIL import Image
 from backend.services import Services
 from backend.web.app import create_app
 from backend.settings import Settings
+from model import efficientvit_family, sam2_family
 
 FIXTURE_PROTOCOL_DIR = Path(__file__).resolve().parent / "protocol"
 TOKEN = "legacytoken0123456789abcdef0123456789ab"
@@ -118,6 +119,36 @@ def build_tiny_sam(seed: int = 0):
 def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny_sam.pth"
     torch.save(build_tiny_sam().state_dict(), path)
+    return path
+
+
+# ---------------------------------------------------------------- other families
+# small random checkpoints built with each family's own modules (EfficientViT-SAM: the real l0
+# architecture; SAM 2.1: its hiera_t config with a small trunk, named in the file): tests/test_families.py
+# and the e2e suite load them through the real loading code
+
+SMALL_TRUNK = [  # hiera with 5 blocks of width 16 (hiera_t: 12 of 96): the same modules, seconds to run
+    "++model.image_encoder.trunk.embed_dim=16", "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+]
+
+
+@pytest.fixture(scope="session")
+def evit_checkpoint(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("evit") / "efficientvit_sam_l0_random.pt"
+    torch.save(efficientvit_family.build("l0").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sam2_checkpoint(tmp_path_factory):
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("sam2") / "sam2.1_small_random.pt"
+    model = sam2_family.build(sam2_family.CONFIGS["hiera_t"], SMALL_TRUNK)
+    torch.save({"model": model.state_dict(), "sam2_config": sam2_family.CONFIGS["hiera_t"],
+                "hydra_overrides": SMALL_TRUNK}, path)
     return path
 
 

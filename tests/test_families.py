@@ -21,34 +21,9 @@ from model.masks import logits_at_input, mask_at_original
 from model.prompts import ModelPrompt, Prompt, to_model
 from model.refine import RefineHead
 from model.registry import HeadRegistry
-from tests.conftest import make_image, protocol_body
+from tests.conftest import SMALL_TRUNK, make_image, protocol_body  # noqa: F401 (fixtures evit_/sam2_checkpoint live there)
 
 LOCAL_IMAGE = "/data/local-files/?d=local/img_local.png"
-SMALL_TRUNK = [  # hiera with 5 blocks of width 16 (hiera_t: 12 of 96): the same modules, seconds to run
-    "++model.image_encoder.trunk.embed_dim=16", "++model.image_encoder.trunk.num_heads=1",
-    "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
-    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
-]
-
-
-@pytest.fixture(scope="session")
-def evit_checkpoint(tmp_path_factory):
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("evit") / "efficientvit_sam_l0_random.pt"
-    torch.save(efficientvit_family.build("l0").state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def sam2_checkpoint(tmp_path_factory):
-    torch.manual_seed(2)
-    path = tmp_path_factory.mktemp("sam2") / "sam2.1_small_random.pt"
-    model = sam2_family.build(sam2_family.CONFIGS["hiera_t"], SMALL_TRUNK)
-    torch.save({"model": model.state_dict(), "sam2_config": sam2_family.CONFIGS["hiera_t"],
-                "hydra_overrides": SMALL_TRUNK}, path)
-    return path
-
-
 @pytest.fixture(params=["efficientvit_sam", "sam2.1"])
 def family_checkpoint(request):
     name = "evit_checkpoint" if request.param == "efficientvit_sam" else "sam2_checkpoint"
