@@ -9,6 +9,7 @@ from typing import Mapping
 from urllib.parse import urlsplit
 
 from model.checkpoints import OFFICIAL
+from model.precision import PRECISIONS as ENCODE_PRECISIONS
 
 MODEL_TYPES = tuple(OFFICIAL)  # one list: the model types with an official checkpoint
 OUTPUT_TYPES = ("both", "brush", "polygon")
@@ -92,6 +93,9 @@ class Settings:
     metrics_auth: bool = False
     max_concurrent_encodes: int = 1  # per process: each takes GBs of memory and every core
     encode_wait: float = 60.0  # seconds a click waits for an encode slot or another process's encode
+    # images a warm / pre-label job encodes in one forward pass (GPU workers: 8); 1 keeps one job per image
+    encode_batch_size: int = 1
+    encode_precision: str = "auto"  # the encoder's dtype: auto (fp16/bf16 on CUDA where the masks hold), fp32, ...
     zoom_threshold: float = 0.25  # prompts spanning at most this fraction of the long side get a zoom window; 0: off
     zoom_max: int = 4  # a window sees at most this many times finer than the encoder's native resolution
     zoom_max_windows: int = 32  # windows one click may decode (a long crack, a large object's edges)
@@ -138,6 +142,9 @@ class Settings:
         if output_type not in OUTPUT_TYPES:
             raise SettingsError(f"OUTPUT_TYPE={output_type!r} must be one of {', '.join(OUTPUT_TYPES)}")
         prelabel_search = text("PRELABEL_SEARCH", d.prelabel_search).lower()
+        encode_precision = text("ENCODE_PRECISION", d.encode_precision).lower()
+        if encode_precision not in ENCODE_PRECISIONS:
+            raise SettingsError(f"ENCODE_PRECISION={encode_precision!r} must be one of {', '.join(ENCODE_PRECISIONS)}")
         if prelabel_search not in PRELABEL_SEARCHES:
             raise SettingsError(f"PRELABEL_SEARCH={prelabel_search!r} must be one of {', '.join(PRELABEL_SEARCHES)}")
         zoom_edges = text("ZOOM_EDGES", d.zoom_edges).lower()
@@ -226,6 +233,8 @@ class Settings:
             metrics_auth=flag("METRICS_AUTH", d.metrics_auth),
             max_concurrent_encodes=number("MAX_CONCURRENT_ENCODES", d.max_concurrent_encodes, minimum=1),
             encode_wait=number("ENCODE_WAIT", d.encode_wait, kind=float, minimum=0.0),
+            encode_batch_size=number("ENCODE_BATCH_SIZE", d.encode_batch_size, minimum=1),
+            encode_precision=encode_precision,
             zoom_threshold=zoom_threshold,
             zoom_max=zoom_max,
             zoom_max_windows=number("ZOOM_MAX_WINDOWS", d.zoom_max_windows, minimum=1),

@@ -78,16 +78,15 @@ class EfficientVitSamModel(Segmenter):
         model.attach_onnx(decoder_view(model.sam), onnx_dir, threads)
         return model
 
-    @torch.inference_mode()
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """(256, 64, 64) float32 for an RGB uint8 image with long side `input_side`."""
-        self.check_input(image)
+    def input_tensor(self, image: np.ndarray) -> torch.Tensor:
         h, w = image.shape[:2]
         x = (image.astype(np.float32) - _MEAN) / _STD
         padded = np.zeros((self.input_side, self.input_side, 3), np.float32)  # padded after normalising, as SAM
         padded[:h, :w] = x
-        tensor = torch.from_numpy(padded).permute(2, 0, 1)[None].to(self.device)
-        return self.sam.image_encoder(tensor)[0].float().cpu().numpy()
+        return torch.from_numpy(padded).permute(2, 0, 1)
+
+    def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.sam.image_encoder(batch)  # (B, 256, 64, 64)
 
     def decode(self, features: np.ndarray, prompt: ModelPrompt, input_size=None) -> tuple[np.ndarray, float]:
         scaled = _scaled(prompt, self._prompt_scale)

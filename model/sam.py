@@ -107,17 +107,13 @@ class SamModel(Segmenter):
         model.attach_onnx(model.sam, onnx_dir, threads)
         return model
 
-    @torch.inference_mode()
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """Embed an RGB uint8 image already resized so its long side is IMAGE_SIZE.
+    def input_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """An RGB uint8 image already resized so its long side is IMAGE_SIZE: normalised, padded to a square."""
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().to(self.device)
+        return self.sam.preprocess(x)[0].cpu()  # SAM's own normalise-and-pad: the same pixels as always
 
-        Returns float32 features of shape (256, 64, 64).
-        """
-        self.check_input(image)
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(self.device)
-        x = x.permute(2, 0, 1)[None].float()
-        x = self.sam.preprocess(x)  # normalise and pad to a square
-        return self.sam.image_encoder(x)[0].float().cpu().numpy()
+    def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.sam.image_encoder(batch)  # (B, 256, 64, 64)
 
     def decode(self, features: np.ndarray, prompt: ModelPrompt, input_size=None) -> tuple[np.ndarray, float]:
         """Low-res mask logits (256x256, covering the padded 1024 square) and SAM's IoU estimate."""

@@ -116,25 +116,25 @@ class Sam2Model(Segmenter):
         log.info("loaded SAM 2.1 %s from %s (sha256 %s)", size, path, checkpoint_digest[:12])
         return cls(sam, size, checkpoint_digest, select_device(device))
 
-    @torch.inference_mode()
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """(1024, 64, 64) float32: the image embedding, then the 1/8 and 1/4 features unshuffled."""
-        self.check_input(image)
+    def input_tensor(self, image: np.ndarray) -> torch.Tensor:
         h, w = image.shape[:2]
         square = cv2.resize(image, (INPUT_SIDE, INPUT_SIDE), interpolation=cv2.INTER_LINEAR) if (h, w) != (
             INPUT_SIDE, INPUT_SIDE) else image
-        x = torch.from_numpy((square.astype(np.float32) - _MEAN) / _STD).permute(2, 0, 1)[None].to(self.device)
-        backbone = self.sam.forward_image(x)
+        return torch.from_numpy((square.astype(np.float32) - _MEAN) / _STD).permute(2, 0, 1)
+
+    def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 1024, 64, 64): the image embedding, then the 1/8 and 1/4 features unshuffled."""
+        backbone = self.sam.forward_image(batch)
         _, feats, _, sizes = self.sam._prepare_backbone_features(backbone)
         if self.sam.directly_add_no_mem_embed:  # what the image predictor does for a frame without memory
             feats[-1] = feats[-1] + self.sam.no_mem_embed
-        maps = [f.permute(1, 2, 0).reshape(1, -1, *s) for f, s in zip(feats, sizes)]  # s0, s1, embedding
+        # each (HW, B, C) -> (B, C, h, w)
+        maps = [f.permute(1, 2, 0).reshape(len(batch), -1, *s) for f, s in zip(feats, sizes)]  # s0, s1, embedding
         s0, s1, embedding = maps
         grid = embedding.shape[-1]
-        packed = torch.cat([embedding,
-                            torch.nn.functional.pixel_unshuffle(s1, s1.shape[-1] // grid),
-                            torch.nn.functional.pixel_unshuffle(s0, s0.shape[-1] // grid)], dim=1)
-        return packed[0].float().cpu().numpy()
+        return torch.cat([embedding,
+                          torch.nn.functional.pixel_unshuffle(s1, s1.shape[-1] // grid),
+                          torch.nn.functional.pixel_unshuffle(s0, s0.shape[-1] // grid)], dim=1)
 
     def _unpack(self, features: np.ndarray):
         packed = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None].to(self.device)

@@ -8,6 +8,9 @@ refinement head and the zoom windows never ask which family they hold:
   EfficientViT-SAM L). Images are resized so their long side is `input_side` (the "input frame").
 - `encode(image)`: one (C, 64, 64) float32 array per image (C = 256, or more where a family needs more
   than the image embedding: SAM 2.1 packs its high-resolution features in, see model/sam2_family.py).
+- `encode_batch(images)`: the same for many images in one forward pass (GPU workers: ENCODE_BATCH_SIZE);
+  `encode` is a batch of one, so both run the same code. `precision` (model/precision.py) is the
+  encoder's dtype.
 - `decode(features, prompt, input_size)`: prompt in input-frame pixels -> 256x256 low-res logits over
   the padded input_side square (SAM's convention: the image in the top-left corner) and the IoU estimate.
 - `decode_points(features, points, input_size)`: many single-point prompts at once, every multimask
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import onnx_decoder
+from model import onnx_decoder, precision as precisions
 from model.checkpoints import CheckpointError
 from model.prompts import ModelPrompt
 
@@ -81,6 +84,7 @@ class Segmenter:
     device: torch.device
     checkpoint_digest: str
     onnx: onnx_decoder.OnnxDecoder | None = None
+    precision: str = "fp32"  # the encoder's dtype under autocast: fp32, fp16, bf16 (model/precision.py)
 
     @property
     def model_id(self) -> str:
@@ -96,7 +100,41 @@ class Segmenter:
             raise ValueError(f"encode wants an RGB image with long side {self.input_side}, got {image.shape}")
 
     def encode(self, image: np.ndarray) -> np.ndarray:
+        return self.encode_batch([image])[0]
+
+    @torch.inference_mode()
+    def encode_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """One forward pass for all `images` (each RGB uint8, long side `input_side`; the short sides may
+        differ: every family feeds its encoder a square). One float32 array per image, in order."""
+        for image in images:
+            self.check_input(image)
+        batch = torch.stack([self.input_tensor(image) for image in images]).to(self.device)
+        with precisions.autocast(self.precision, self.device):
+            features = self.encode_tensor(batch)
+        return list(features.float().cpu().numpy())
+
+    def input_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """(3, S, S) float32 on the CPU: the family's normalisation and padding (or stretch) of one image."""
         raise NotImplementedError
+
+    def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, C, 64, 64): the encoder's forward pass."""
+        raise NotImplementedError
+
+    def set_precision(self, requested: str, probe: np.ndarray | None = None) -> str:
+        """ENCODE_PRECISION: `auto` tries the device's lower precision and keeps it only if its masks agree
+        with fp32's on `probe` (precisions.AGREEMENT_IOU); an explicit fp16/bf16 is used as asked."""
+        chosen = precisions.resolve(requested, self.device)
+        if requested == "auto" and chosen != "fp32":
+            probe = precisions.probe_image(self.input_side) if probe is None else probe
+            iou = precisions.masks_agree(self, probe, chosen)
+            if iou < precisions.AGREEMENT_IOU:
+                log.warning("%s masks agree with fp32 only to IoU %.3f: encoding in fp32", chosen, iou)
+                chosen = "fp32"
+            else:
+                log.info("encoding in %s (masks agree with fp32 to IoU %.3f)", chosen, iou)
+        self.precision = chosen
+        return chosen
 
     def decode(self, features: np.ndarray, prompt: ModelPrompt,
                input_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:

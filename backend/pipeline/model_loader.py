@@ -59,13 +59,16 @@ class ModelLoader:
                 if self._error is not None:
                     raise ModelUnavailable(self._error)
                 try:
-                    self._model = families.load(
+                    model = families.load(
                         self.path,
                         self.digest,
                         self.settings.device,
                         onnx_dir=self.settings.model_dir / "onnx",
                         threads=self.settings.torch_threads,
                     )
+                    # before it is published: another thread may take self._model without the lock
+                    model.set_precision(self.settings.encode_precision)  # auto: fp32 on a CPU
+                    self._model = model
                 except CheckpointError as exc:
                     self._error = str(exc)
                     raise ModelUnavailable(self._error) from exc
