@@ -13,6 +13,7 @@ import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -283,3 +284,48 @@ def test_segment_everything_drafts_carry_plain_sams_version_and_job_ids_ignore_h
     assert services.predictor.draft_version(plain, config, 5) == services.loader.model_version
     assert services.predictor.draft_version(boxed, config, 5) == services.loader.model_version + "+head-p5-v0001"
     assert jobs.prelabel_job_id(services.loader.model_id, 7) == f"prelabel-{services.loader.model_id}-7"
+
+
+def test_a_batched_warm_job_caches_every_image_and_a_bad_one_fails_alone(settings, image_server):
+    """ENCODE_BATCH_SIZE=3: one job holds three images, encoded in one forward pass by a real RQ worker;
+    the image that cannot be decoded fails alone, named with its reason, and the other two are cached
+    under their own keys, equal to what a one-image job stores."""
+    from backend.jobs.follow import failure_line
+    from backend.pipeline.embeddings import EmbeddingCache, content_digest, deserialize
+
+    batched = settings.replace(encode_batch_size=3)
+    conn = redis.Redis.from_url(settings.redis_url)
+    model_id = ModelLoader(batched).model_id
+    good = {"/data/upload/b1.png": make_image(40, 30, seed=1), "/data/upload/b2.png": make_image(30, 44, seed=2)}
+    for path, data in good.items():
+        image_server.add(path, data)
+    image_server.add("/data/upload/broken.png", b"these bytes are not an image")
+    urls = ["/data/upload/b1.png", "/data/upload/broken.png", "/data/upload/b2.png"]
+    [(job_id, chunk)] = jobs.warm_batches(model_id, urls, 3)
+    assert chunk == urls
+    assert jobs.enqueue_warm(conn, model_id, urls, batch=3) == 3
+    assert jobs.queue(conn).job_ids == [job_id]  # one job for the three
+    assert work_queues(batched, [jobs.WARM_QUEUE]) == 0
+    job = jobs.fetch_job(conn, job_id)
+    assert job.get_status(refresh=False) == JobStatus.FAILED
+    assert list(job.get_meta(refresh=False)["failed_items"]) == ["/data/upload/broken.png"]
+    line = failure_line(job)
+    assert "1 of 3 failed" in line and "broken.png" in line and "b1.png" not in line
+    keys = {EmbeddingCache.key(model_id, content_digest(data)) for data in good.values()}
+    assert {k.decode() for k in conn.keys("sam-backend:emb:*")} == keys
+    assert jobs.done_count(conn, jobs.WARM_QUEUE) == 2
+    # the same images one job each: the stored entries are the batched ones (same bytes after decoding)
+    batched_entries = {k: deserialize(conn.get(k)) for k in keys}
+    conn.delete(*keys)
+    assert jobs.enqueue_warm(conn, model_id, list(good)) == 2
+    assert work_queues(settings, [jobs.WARM_QUEUE]) == 0
+    for key, entry in batched_entries.items():
+        alone = deserialize(conn.get(key))
+        assert alone.original_size == entry.original_size
+        assert np.abs(alone.features.astype(np.float32) - entry.features.astype(np.float32)).max() <= 1e-2
+    # a new request queues the batch again, and only the bad image is encoded again (the rest are hits)
+    image_server.add("/data/upload/broken.png", make_image(36, 36, seed=3))
+    assert jobs.enqueue_warm(conn, model_id, urls, batch=3) == 3
+    assert work_queues(batched, [jobs.WARM_QUEUE]) == 0
+    assert jobs.fetch_job(conn, job_id).get_status(refresh=False) == JobStatus.FINISHED
+    assert len(conn.keys("sam-backend:emb:*")) == 3

@@ -42,12 +42,14 @@ def warm_project(settings: Settings, project_id: int, wait: bool, out=sys.stdout
     services = _services(settings)
     model_id = services.loader.model_id
     urls = project_image_urls(services, project_id, out)
-    queued = queues.enqueue_warm(services.redis, model_id, urls)
+    batch = settings.encode_batch_size
+    queued = queues.enqueue_warm(services.redis, model_id, urls, batch)
     print(f"project {project_id}: {len(urls)} images, {queued} queued for embedding "
           f"({len(urls) - queued} already queued or running)", file=out)
     if not wait or not urls:
         return 0
-    job_ids = {queues.warm_job_id(model_id, u): u for u in urls}
+    job_ids = {job_id: chunk[0] if len(chunk) == 1 else f"{len(chunk)} images from {chunk[0]}"
+               for job_id, chunk in queues.warm_batches(model_id, urls, batch)}
     return _follow(services, queues.WARM_QUEUE, job_ids, "embedding", out)
 
 
@@ -58,7 +60,8 @@ def prelabel_project(settings: Settings, project_id: int, wait: bool, out=sys.st
     api = services.label_studio_api()
     parse_label_config(api.label_config(project_id))  # a wrong project id or an unusable config: say so now
     task_ids = api.task_ids(project_id)
-    queued = queues.enqueue_prelabel(services.redis, model_id, project_id, task_ids)
+    batch = settings.encode_batch_size
+    queued = queues.enqueue_prelabel(services.redis, model_id, project_id, task_ids, batch)
     head = services.heads.for_project(project_id)
     print(f"project {project_id}: {len(task_ids)} tasks, {queued} queued for pre-labelling with "
           f"{services.loader.model_version}{f' (boxes refined by head {head.version})' if head else ''} "
@@ -66,7 +69,8 @@ def prelabel_project(settings: Settings, project_id: int, wait: bool, out=sys.st
           "tasks that already have a draft of this version are skipped)", file=out)
     if not wait or not task_ids:
         return 0
-    job_ids = {queues.prelabel_job_id(model_id, t): f"task {t}" for t in task_ids}
+    job_ids = {job_id: f"task {chunk[0]}" if len(chunk) == 1 else f"tasks {', '.join(map(str, chunk))}"
+               for job_id, chunk in queues.prelabel_batches(model_id, task_ids, batch)}
     return _follow(services, queues.PRELABEL_QUEUE, job_ids, "pre-labelling", out)
 
 

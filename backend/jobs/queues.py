@@ -214,14 +214,29 @@ def requeue_abandoned(connection: redis.Redis, queue_names: list[str], max_retri
 IMAGE_JOB_TIMEOUT = 4 * 3600
 
 
-def enqueue_warm(connection: redis.Redis, model_id: str, urls: list[str]) -> int:
-    """Queue an embedding job per image URL. Returns how many were queued now."""
-    states = [
-        enqueue_unique(connection, WARM_QUEUE, "backend.jobs.tasks.warm_image", (url,), warm_job_id(model_id, url),
-                       f"embed {display_url(url)}", IMAGE_JOB_TIMEOUT)
-        for url in dict.fromkeys(urls)
-    ]
-    return sum(state != "waiting" for state in states)
+def warm_batches(model_id: str, urls: list[str], batch: int = 1) -> list[tuple[str, list[str]]]:
+    """(job id, image URLs) of the warm jobs for `urls`: one job per image, or with ENCODE_BATCH_SIZE > 1
+    one job per `batch` images (encoded in one forward pass), its id made of its URLs so the same
+    request queues the same jobs and de-duplicates as one-image jobs do."""
+    urls = list(dict.fromkeys(urls))
+    if batch <= 1:
+        return [(warm_job_id(model_id, url), [url]) for url in urls]
+    chunks = [urls[n:n + batch] for n in range(0, len(urls), batch)]
+    return [(f"warm-{model_id}-batch-{hashlib.sha256(json.dumps(c).encode()).hexdigest()[:32]}", c) for c in chunks]
+
+
+def enqueue_warm(connection: redis.Redis, model_id: str, urls: list[str], batch: int = 1) -> int:
+    """Queue the embedding of these image URLs (see warm_batches). Returns how many images were queued now."""
+    queued = 0
+    for job_id, chunk in warm_batches(model_id, urls, batch):
+        if len(chunk) == 1 and batch <= 1:
+            state = enqueue_unique(connection, WARM_QUEUE, "backend.jobs.tasks.warm_image", (chunk[0],), job_id,
+                                   f"embed {display_url(chunk[0])}", IMAGE_JOB_TIMEOUT)
+        else:
+            state = enqueue_unique(connection, WARM_QUEUE, "backend.jobs.tasks.warm_images", (chunk,), job_id,
+                                   f"embed {len(chunk)} images from {display_url(chunk[0])}", IMAGE_JOB_TIMEOUT)
+        queued += len(chunk) if state != "waiting" else 0
+    return queued
 
 
 def created_job_id(model_id: str, project_id: int, task_ids: list[int]) -> str:
@@ -237,14 +252,33 @@ def enqueue_created(connection: redis.Redis, model_id: str, project_id: int, tas
     return int(state != "waiting")
 
 
-def enqueue_prelabel(connection: redis.Redis, model_id: str, project_id: int, task_ids: list[int]) -> int:
-    states = [
-        enqueue_unique(connection, PRELABEL_QUEUE, "backend.jobs.tasks.prelabel_task", (project_id, task_id),
-                       prelabel_job_id(model_id, task_id), f"pre-label task {task_id} of project {project_id}",
-                       IMAGE_JOB_TIMEOUT)
-        for task_id in dict.fromkeys(task_ids)
-    ]
-    return sum(state != "waiting" for state in states)
+def prelabel_batches(model_id: str, task_ids: list[int], batch: int = 1) -> list[tuple[str, list[int]]]:
+    """(job id, task ids) of the pre-label jobs: one per task, or with ENCODE_BATCH_SIZE > 1 one per `batch`
+    tasks, whose images are encoded in one forward pass (ids made of the tasks, as warm_batches)."""
+    task_ids = list(dict.fromkeys(task_ids))
+    if batch <= 1:
+        return [(prelabel_job_id(model_id, t), [t]) for t in task_ids]
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", model_id)
+    chunks = [task_ids[n:n + batch] for n in range(0, len(task_ids), batch)]
+    return [(f"prelabel-{safe}-{c[0]}-n{len(c)}-{hashlib.sha256(json.dumps(c).encode()).hexdigest()[:16]}", c)
+            for c in chunks]
+
+
+def enqueue_prelabel(connection: redis.Redis, model_id: str, project_id: int, task_ids: list[int],
+                     batch: int = 1) -> int:
+    """Queue the drafts of these tasks (see prelabel_batches). Returns how many tasks were queued now."""
+    queued = 0
+    for job_id, chunk in prelabel_batches(model_id, task_ids, batch):
+        if batch <= 1:
+            state = enqueue_unique(connection, PRELABEL_QUEUE, "backend.jobs.tasks.prelabel_task",
+                                   (project_id, chunk[0]), job_id,
+                                   f"pre-label task {chunk[0]} of project {project_id}", IMAGE_JOB_TIMEOUT)
+        else:
+            state = enqueue_unique(connection, PRELABEL_QUEUE, "backend.jobs.tasks.prelabel_tasks", (project_id, chunk),
+                                   job_id, f"pre-label tasks {chunk[0]}..{chunk[-1]} ({len(chunk)}) of project "
+                                   f"{project_id}", IMAGE_JOB_TIMEOUT)
+        queued += len(chunk) if state != "waiting" else 0
+    return queued
 
 
 def enqueue_train(connection: redis.Redis, project_id: int, timeout: int) -> str:
@@ -288,11 +322,12 @@ class BackgroundJobs:
         self.metrics = metrics
 
     def warm(self, urls: list[str]) -> int:
-        return self._queue("warm", f"{len(urls)} embeddings", enqueue_warm, self.loader.model_id, urls)
+        return self._queue("warm", f"{len(urls)} embeddings", enqueue_warm, self.loader.model_id, urls,
+                           self.settings.encode_batch_size)
 
     def prelabel(self, project_id: int, task_ids: list[int]) -> int:
         return self._queue("prelabel", f"{len(task_ids)} pre-label jobs", enqueue_prelabel,
-                           self.loader.model_id, project_id, task_ids)
+                           self.loader.model_id, project_id, task_ids, self.settings.encode_batch_size)
 
     def train(self, project_id: int, trigger: str) -> str | None:
         """Queue a training run now (START_TRAINING), or count an annotation towards the next one."""
@@ -384,10 +419,11 @@ def new_annotations_reset(connection: redis.Redis, project_id: int) -> None:
     connection.set(_new_annotations_key(project_id), 0)
 
 
-def count_done(connection: redis.Redis | None, queue_name: str) -> None:
-    """Finished job records expire (RECORD_TTL): keep a count for /metrics and progress."""
+def count_done(connection: redis.Redis | None, queue_name: str, items: int = 1) -> None:
+    """Finished job records expire (RECORD_TTL): keep a count for /metrics and progress (a batched job
+    counts each image or task it finished)."""
     if connection is not None:
-        connection.incr(f"sam-backend:done:{queue_name}")
+        connection.incr(f"sam-backend:done:{queue_name}", items)
 
 
 def done_count(connection: redis.Redis, queue_name: str) -> int:

@@ -344,6 +344,89 @@ class Embedder:
         self.cache.put_image(digest, image.input_image)
         return embedding
 
+    def for_urls(self, urls: list[str], timings: list[Timings] | None = None) -> list["Embedding | Exception"]:
+        """Embeddings of many images (a batched warm or pre-label job), in order. Those not cached are
+        encoded ENCODE_BATCH_SIZE per forward pass, each stored under its own key exactly as `for_url`
+        stores it. A failure of one image (download, decode, its encode) is that image's entry, an
+        exception naming why; the others go on. Images another process is encoding are waited for, as
+        `for_url` waits, after the batch."""
+        timings = timings or [Timings() for _ in urls]
+        results: list[Embedding | Exception | None] = [None] * len(urls)
+        pending, deferred, claims = [], [], []  # (index, key, digest, decoded image), (index, data, digest)
+        try:
+            model = self.loader.get()
+            for i, url in enumerate(urls):
+                try:
+                    found = self.cached(url)
+                    if found is not None:
+                        results[i] = found
+                        continue
+                    start = time.perf_counter()
+                    data = self.fetcher.fetch(url)
+                    timings[i].add("fetch", time.perf_counter() - start)
+                    self.metrics.image_fetch.observe(time.perf_counter() - start)
+                    digest = content_digest(data)
+                    self.cache.remember_url(url, digest)
+                    key = self.cache.key(self.loader.model_id, digest)
+                    found = self.cache.get(key)
+                    if found is not None:
+                        results[i] = found
+                        continue
+                    claim = self.cache.claim(key)
+                    if claim is None:  # being encoded elsewhere: waited for after this batch, not run twice
+                        deferred.append((i, data, digest))
+                        continue
+                    claims.append(claim)
+                    start = time.perf_counter()
+                    image = decode_image(data, self.settings.max_image_pixels, model.input_side)
+                    timings[i].add("decode_image", time.perf_counter() - start)
+                    pending.append((i, key, digest, image))
+                except Exception as exc:  # this image only (refused, unreadable, too large): the batch goes on
+                    results[i] = exc
+            size = self.settings.encode_batch_size
+            for chunk in [pending[n:n + size] for n in range(0, len(pending), size)]:
+                for (i, key, digest, image), features in zip(chunk, self._encode_chunk(model, chunk, timings)):
+                    if isinstance(features, Exception):
+                        results[i] = features
+                        continue
+                    embedding = Embedding.quantized(features, image.original_size, image.input_size)
+                    self.cache.put(key, embedding)
+                    self.cache.put_image(digest, image.input_image)
+                    results[i] = embedding
+        finally:
+            for claim in claims:
+                claim.release()
+        for i, data, digest in deferred:
+            try:
+                results[i] = self.for_bytes(data, digest, timings[i])
+            except Exception as exc:  # this image only
+                results[i] = exc
+        return results
+
+    def _encode_chunk(self, model, chunk, timings: list[Timings]) -> list:
+        """One forward pass for the chunk; if it fails (out of memory, one odd image), each image alone,
+        so one image can fail only itself."""
+        with self._encode_slots:  # a job may wait for the slot: nobody is waiting on its answer
+            start = time.perf_counter()
+            try:
+                features = model.encode_batch([image.input_image for _, _, _, image in chunk])
+            except Exception as exc:
+                if len(chunk) == 1:
+                    return [exc]
+                log.warning("a batched encode of %d images failed (%s: %s); encoding them one by one",
+                            len(chunk), exc.__class__.__name__, exc)
+                features = []
+                for _, _, _, image in chunk:
+                    try:
+                        features.append(model.encode(image.input_image))
+                    except Exception as one:  # this image only
+                        features.append(one)
+            share = (time.perf_counter() - start) / len(chunk)
+        for i, _, _, _ in chunk:
+            timings[i].add("encode", share)
+            self.metrics.encoder.observe(share)
+        return features
+
     def input_image(self, url: str) -> np.ndarray:
         """The encoder-input image (RGB, long side the encoder's input side) that the refinement head looks at."""
         digest = self.cache.url_digest(url)
