@@ -25,8 +25,9 @@ from pathlib import Path
 from backend.bench.click import SIZES, run_click_bench, synthetic_jpeg
 
 
-def measure(model_type: str, checkpoint: str, repeat: int, device: str) -> dict:
-    """In this process: load, encode `repeat` times, measure the stored entry and the peak RSS."""
+def measure(model_type: str, checkpoint: str, repeat: int, device: str, batch: int = 1, precision: str = "auto") -> dict:
+    """In this process: load, encode `repeat` times, measure the stored entry and the peak RSS; with
+    `batch` > 1 also `repeat` batched passes of `batch` images (images/s batched vs one by one)."""
     import numpy as np
 
     from backend.pipeline.embeddings import Embedding, serialize
@@ -36,6 +37,7 @@ def measure(model_type: str, checkpoint: str, repeat: int, device: str) -> dict:
 
     start = time.perf_counter()
     model = families.load(Path(checkpoint), sha256_file(Path(checkpoint)), device)
+    model.set_precision(precision)  # as the loader sets it: auto is fp32 on a CPU
     load_seconds = time.perf_counter() - start
     image = decode_image(synthetic_jpeg(SIZES["1MP"], seed=5), 10**9, model.input_side)
     model.encode(image.input_image)  # first pass: allocator and kernel warm-up, not a figure
@@ -49,7 +51,24 @@ def measure(model_type: str, checkpoint: str, repeat: int, device: str) -> dict:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     blob = serialize(Embedding.quantized(features, image.original_size, image.input_size))
-    return {"family": model.family, "size": model.size, "input_side": model.input_side,
+    batched = {}
+    if batch > 1:
+        images = [decode_image(synthetic_jpeg(SIZES["1MP"], seed=10 + i), 10**9, model.input_side).input_image
+                  for i in range(batch)]
+        model.encode_batch(images)  # warm-up at this batch size (allocator, cuDNN's algorithm search)
+        passes = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model.encode_batch(images)
+            if model.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+            passes.append(time.perf_counter() - start)
+        batched = {"batch": batch, "batched_pass_seconds": round(statistics.median(passes), 3),
+                   "batched_images_per_second": round(batch / statistics.median(passes), 2)}
+    return {"family": model.family, "size": model.size, "input_side": model.input_side, "precision": model.precision,
+            "images_per_second": round(1 / statistics.median(seconds), 2), **batched,
             "encode_seconds": round(statistics.median(seconds), 3), "encode_runs": [round(s, 3) for s in seconds],
             "load_seconds": round(load_seconds, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "embedding_shape": list(features.shape), "embedding_bytes": len(blob),
@@ -67,7 +86,8 @@ def run_encoder_bench(args) -> dict:
         sys.exit(f"unknown model types {unknown}; known: {', '.join(families.MODEL_TYPES)}")
     skipped = [m for m in wanted if not families.installed(m)]
     work = Path(tempfile.mkdtemp(prefix="sam-bench-encoder-"))
-    figures: dict = {"device": args.device, "threads": args.threads, "random_weights": True,
+    figures: dict = {"device": args.device, "threads": args.threads, "random_weights": True, "batch": args.batch,
+                     "precision_asked": args.precision,
                      "click_path": "whole image (ZOOM_THRESHOLD=0)", "skipped_not_installed": skipped, "models": []}
     os.environ["ZOOM_THRESHOLD"] = "0"  # read by the backend bench click starts
     if args.threads:
@@ -78,13 +98,16 @@ def run_encoder_bench(args) -> dict:
         torch.save(families.random_checkpoint(model_type), checkpoint)
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
         child = subprocess.run([sys.executable, "-m", "backend.bench.encoder", "--measure", model_type, str(checkpoint),
-                                str(args.repeat), args.device, str(args.threads)],
+                                str(args.repeat), args.device, str(args.threads), str(args.batch),
+                                args.precision],
                                env=env, capture_output=True, text=True)
         if child.returncode != 0:
             raise RuntimeError(f"measuring {model_type} failed: {child.stderr[-2000:]}")
         row = {"model_type": model_type, **json.loads(child.stdout.strip().splitlines()[-1])}
-        print(f"   encode {row['encode_seconds']} s/image, peak RSS {row['peak_rss_mb']} MB, "
-              f"entry {row['embedding_bytes'] / 1e6:.2f} MB", flush=True)
+        print(f"   encode {row['encode_seconds']} s/image ({row['precision']}), peak RSS {row['peak_rss_mb']} MB, "
+              f"entry {row['embedding_bytes'] / 1e6:.2f} MB"
+              + (f", batch of {row['batch']}: {row['batched_images_per_second']} images/s vs "
+                 f"{row['images_per_second']} one by one" if "batch" in row else ""), flush=True)
         if args.warm:
             os.environ["SAM_CHECKPOINT"] = str(checkpoint)  # bench click serves the file SAM_CHECKPOINT names
             clicks = run_click_bench(argparse.Namespace(
@@ -127,13 +150,22 @@ def print_encoder_table(figures: dict) -> None:
               f" {ms(twenty.get('polygon')):>10} {ms(one.get('cold_ms_p50')):>9}")
     if figures["skipped_not_installed"]:
         print(f"not installed here (skipped): {', '.join(figures['skipped_not_installed'])}")
+    if figures.get("batch", 1) > 1:
+        print()
+        print(f"batched encoding, {figures['batch']} images per forward pass")
+        header = f"{'model':<9} {'precision':<9} {'images/s alone':>14} {'images/s batched':>16} {'gain':>6}"
+        print(header)
+        print("-" * len(header))
+        for r in figures["models"]:
+            print(f"{r['model_type']:<9} {r['precision']:<9} {r['images_per_second']:>14.2f} "
+                  f"{r['batched_images_per_second']:>16.2f} {r['batched_images_per_second'] / r['images_per_second']:>5.2f}x")
     print("s/image: encoder only, median; entry: the stored cache entry (fp16, byte-shuffled, zstd); clicks: warm p50")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--measure"]:
-    _, _, model_type, checkpoint, repeat, device, threads = sys.argv
+    _, _, model_type, checkpoint, repeat, device, threads, batch, precision = sys.argv
     if int(threads):
         import torch
 
         torch.set_num_threads(int(threads))
-    print(json.dumps(measure(model_type, checkpoint, int(repeat), device)))
+    print(json.dumps(measure(model_type, checkpoint, int(repeat), device, int(batch), precision)))

@@ -239,6 +239,10 @@ def _add_bench_commands(sub) -> None:
     enc.add_argument("--sizes", default="1MP,20MP", help="image sizes of the click timings")
     enc.add_argument("--warm", type=int, default=10, help="warm clicks per size and output (0: encoder figures only)")
     enc.add_argument("--threads", type=int, default=0, help="torch threads (0: library default)")
+    enc.add_argument("--batch", type=int, default=1,
+                     help="also time forward passes of this many images (images/s batched vs one by one; for GPUs)")
+    enc.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                     help="ENCODE_PRECISION of the encoder (auto: fp32 on a CPU, fp16/bf16 on CUDA where masks hold)")
     enc.add_argument("--device", default="auto")
     enc.set_defaults(func=cmd_bench_encoder)
 
@@ -252,6 +256,8 @@ def _add_bench_commands(sub) -> None:
 
     pre = bench_sub.add_parser("prelabel", help="images/minute of pre-labelling with 1 and 2 workers (real Label Studio)")
     _weights_options(pre)
+    pre.add_argument("--models", default="",
+                     help="comma list of SAM_MODEL_TYPE values compared in one run (with --random-weights), e.g. vit_b,l0")
     pre.add_argument("--images", type=int, default=6)
     pre.add_argument("--width", type=int, default=1280)
     pre.add_argument("--height", type=int, default=800)
