@@ -149,6 +149,8 @@ def test_valid_output_types(output_type):
         ({"BASIC_AUTH_USER": "ml"}, "BASIC_AUTH_USER"),
         ({"BASIC_AUTH_PASS": "s3cret"}, "BASIC_AUTH_PASS"),
         ({"PRELABEL_ON_PREDICT": "maybe"}, "PRELABEL_ON_PREDICT"),
+        ({"ENCODE_BATCH_SIZE": "0"}, "ENCODE_BATCH_SIZE"),
+        ({"ENCODE_PRECISION": "int8"}, "ENCODE_PRECISION"),
     ],
 )
 def test_bad_values_name_the_variable(env, name):
@@ -178,3 +180,9 @@ def test_from_env_reads_os_environ_when_no_mapping_given(monkeypatch):
     monkeypatch.setenv("OUTPUT_TYPE", "brush")
     s = Settings.from_env()
     assert s.port == 9191 and s.output_type == "brush"
+
+
+def test_encode_batch_size_and_precision():
+    assert (Settings.from_env({}).encode_batch_size, Settings.from_env({}).encode_precision) == (1, "auto")
+    got = Settings.from_env({"ENCODE_BATCH_SIZE": "8", "ENCODE_PRECISION": "BF16"})
+    assert (got.encode_batch_size, got.encode_precision) == (8, "bf16")
