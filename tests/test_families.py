@@ -21,7 +21,7 @@ from model.masks import logits_at_input, mask_at_original
 from model.prompts import ModelPrompt, Prompt, to_model
 from model.refine import RefineHead
 from model.registry import HeadRegistry
-from tests.conftest import SMALL_TRUNK, make_image, protocol_body  # noqa: F401 (fixtures evit_/sam2_checkpoint live there)
+from tests.conftest import make_image, protocol_body  # the evit_/sam2_checkpoint fixtures live there too
 
 LOCAL_IMAGE = "/data/local-files/?d=local/img_local.png"
 @pytest.fixture(params=["efficientvit_sam", "sam2.1"])
