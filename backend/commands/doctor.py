@@ -31,6 +31,20 @@ OK, FAIL, WARN, SKIP = "OK", "FAIL", "WARN", "SKIP"
 # Label Studio waits ML_TIMEOUT_PREDICT (100 s) for the backend; the first click on an image waits
 # for the encoder (vit_b ~25 s on a CPU, vit_h minutes)
 INTERACTIVE_TIMEOUT = 180.0
+# each check's line, also when a Label Studio call fails inside it (a refused token fails the first check
+# under its own name, not under the method's)
+CHECKS = {
+    "label_studio": "Label Studio reachable with the token",
+    "registered": "backend registered with the project",
+    "reachable": "backend reachable from Label Studio (/health, /setup)",
+    "interactive_on": "interactive preannotations on",
+    "label_config": "label config usable by the smart tools",
+    "drafts_shown": "editor pre-fills our drafts",
+    "first_image": "first task's image downloadable by the backend",
+    "interactive_call": "a smart-tool click through Label Studio returns a region",
+    "workers": "workers listening for drafts",
+    "job_store": "Redis writable, queues safe from eviction",
+}
 
 
 @dataclasses.dataclass
@@ -67,7 +81,7 @@ class Doctor:
             try:
                 check()
             except BackendError as exc:  # a Label Studio call that failed mid-check: the check fails, others run
-                self.note(FAIL, check.__name__.replace("_", " "), exc.message)
+                self.note(FAIL, CHECKS[check.__name__], exc.message)
         failed = [f for f in self.findings if f.status == FAIL]
         print(f"{len(failed)} check(s) failed" if failed else "every check passed", file=self.out)
         return 1 if failed else 0
@@ -75,17 +89,18 @@ class Doctor:
     # ---------------------------------------------------------------- Label Studio and the backend
 
     def label_studio(self) -> None:
-        what = "Label Studio reachable with the token"
+        what = CHECKS["label_studio"]
         if not self.settings.label_studio_url or not self.settings.label_studio_api_key:
             self.note(FAIL, what, "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (the backend needs them for images "
                                   "on Label Studio and for drafts; doctor for every check below)")
             return
-        self.api = LabelStudioApi.from_settings(self.settings)
-        self.project = self.api.project(self.project_id)
+        api = LabelStudioApi.from_settings(self.settings)
+        self.project = api.project(self.project_id)
+        self.api = api  # only once it answered: with a refused token, the checks that need it are skipped
         self.note(OK, what, f"project {self.project_id} {self.project.title!r} at {self.settings.label_studio_url}")
 
     def registered(self) -> None:
-        what = "backend registered with the project"
+        what = CHECKS["registered"]
         if self.api is None:
             return self.note(SKIP, what, "Label Studio not reachable")
         backends = self.api.ml_backends(self.project_id)
@@ -106,7 +121,7 @@ class Doctor:
                             f"{self.backend.get('url')}{others}")
 
     def reachable(self) -> None:
-        what = "backend reachable from Label Studio (/health, /setup)"
+        what = CHECKS["reachable"]
         if self.backend is None:
             return self.note(SKIP, what, "no backend registered")
         checked = self.api.checked_ml_backend(self.backend["id"])  # Label Studio calls /health and /setup now
@@ -126,7 +141,7 @@ class Doctor:
         self.note(OK, what, f"Connected, model version {version}")
 
     def interactive_on(self) -> None:
-        what = "interactive preannotations on"
+        what = CHECKS["interactive_on"]
         if self.backend is None:
             return self.note(SKIP, what, "no backend registered")
         if not self.backend.get("is_interactive"):
@@ -136,7 +151,7 @@ class Doctor:
         self.note(OK, what, "on")
 
     def label_config(self) -> None:
-        what = "label config usable by the smart tools"
+        what = CHECKS["label_config"]
         if self.project is None:
             return self.note(SKIP, what, "Label Studio not reachable")
         problems = config_problems(self.project.label_config or "")
@@ -147,7 +162,7 @@ class Doctor:
                             f"{', '.join(f'{o.name} ({o.kind})' for o in config.outputs)}")
 
     def drafts_shown(self) -> None:
-        what = "editor pre-fills our drafts"
+        what = CHECKS["drafts_shown"]
         if self.backend is None:
             return self.note(SKIP, what, "no backend registered")
         why = hidden_drafts(self.api, self.api.project(self.project_id), self.backend)
@@ -158,7 +173,7 @@ class Doctor:
     # ---------------------------------------------------------------- the first task
 
     def first_image(self) -> None:
-        what = "first task's image downloadable by the backend"
+        what = CHECKS["first_image"]
         if self.project is None:
             return self.note(SKIP, what, "Label Studio not reachable")
         try:
@@ -182,7 +197,7 @@ class Doctor:
             self.note(WARN, "other tasks' images", f"{count} task(s): {reason}")
 
     def interactive_call(self) -> None:
-        what = "a smart-tool click through Label Studio returns a region"
+        what = CHECKS["interactive_call"]
         if self.backend is None or self.task is None or config_problems(self.project.label_config or ""):
             return self.note(SKIP, what, "needs a registered backend, a usable label config and a task")
         context = click_context(self.project.label_config, self.size or (1000, 1000))
@@ -212,7 +227,7 @@ class Doctor:
         return None, ""
 
     def workers(self) -> None:
-        what = "workers listening for drafts"
+        what = CHECKS["workers"]
         connection, url = self._job_store()
         if connection is None:
             return self.note(FAIL, what, "REDIS_URL is not set and no embedded Redis of `sam-backend serve` is in "
@@ -236,7 +251,7 @@ class Doctor:
                                                "that never start")
 
     def job_store(self) -> None:
-        what = "Redis writable, queues safe from eviction"
+        what = CHECKS["job_store"]
         connection, url = self._job_store()
         if connection is None:
             return self.note(SKIP, what, "no job store to check")

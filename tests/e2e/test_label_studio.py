@@ -652,3 +652,42 @@ def test_doctor_names_a_missing_backend_a_config_without_smart_tools_and_a_refus
     assert 'smart="true"' in result.stdout
     assert f"127.0.0.1:{port} is not allowed" in result.stdout and "ALLOWED_IMAGE_HOSTS" in result.stdout
     assert lines["a smart-tool click through Label Studio returns a region"] == "SKIP"
+
+
+def test_doctor_names_a_refused_token_and_a_registered_backend_that_no_longer_answers(
+        label_studio, backend, tiny_checkpoint, e2e_redis, tmp_path):
+    """A wrong (or revoked) token fails the first check, by its name and with the variable to change;
+    a backend registered at a URL whose server has stopped fails Label Studio's own /health check,
+    with that URL named."""
+    project = create_project(label_studio, ROOT / "label_config" / "single_object_polygon.xml")
+    pid = project["id"]
+    upload = label_studio.api("POST", f"/api/projects/{pid}/import",
+                              files={"file": ("first.png", make_image(WIDTH, HEIGHT, seed=701), "image/png")})
+    assert upload.status_code == 201, upload.text
+
+    refused = backend.cli_with({"LABEL_STUDIO_API_KEY": "0" * 40}, "doctor", "--project", str(pid))
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    lines = doctor_lines(refused)
+    assert lines["Label Studio reachable with the token"] == "FAIL", refused.stdout
+    [line] = [x for x in refused.stdout.splitlines() if x.startswith("FAIL Label Studio reachable with the token")]
+    assert "401" in line and "LABEL_STUDIO_API_KEY" in line
+    # nothing else can be asked of Label Studio without the token: skipped, not reported broken
+    assert lines["backend registered with the project"] == "SKIP"
+
+    (tmp_path / "gone").mkdir()
+    gone = BackendServer(tmp_path / "gone", tiny_checkpoint, e2e_redis.url, label_studio.url, label_studio.token)
+    try:
+        connected = gone.cli("connect", "--project", str(pid), "--url", gone.url)
+        assert connected.returncode == 0, connected.stdout + connected.stderr
+    finally:
+        gone.stop()  # registered with the project, then its server stopped: the URL no longer answers
+    stopped = backend.cli("doctor", "--project", str(pid), "--url", gone.url)
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    lines = doctor_lines(stopped)
+    assert lines["Label Studio reachable with the token"] == "OK"
+    assert lines["backend registered with the project"] == "OK"
+    assert lines["backend reachable from Label Studio (/health, /setup)"] == "FAIL", stopped.stdout
+    [line] = [x for x in stopped.stdout.splitlines()
+              if x.startswith("FAIL backend reachable from Label Studio (/health, /setup)")]
+    assert gone.url in line and "Start the backend" in line
