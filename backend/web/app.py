@@ -14,6 +14,7 @@ from backend.labelstudio.protocol import BatchRequest, parse_predict, project_nu
 from backend.pipeline.timings import Timings
 from backend.services import Services
 from backend.settings import Settings
+from backend.web.fast_json import FastJSONProvider
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     app = Flask("sam_backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies: 413
-    app.json.sort_keys = False
-    app.json.compact = True
+    app.json = FastJSONProvider(app)  # compact, keys in the order written
     app.extensions["sam"] = services
     register_error_mapping(app)
 
