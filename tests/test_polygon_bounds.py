@@ -116,3 +116,28 @@ def test_a_click_through_the_app_honours_the_settings(settings, make_client, ima
     answer = bounded.post("/predict", json=keypoint_body()).json["results"][0]["result"]
     assert sum(len(r["value"]["points"]) for r in unbounded) > 8  # the small SAM's speckled mask
     assert len(answer) == 1 and 3 <= len(answer[0]["value"]["points"]) <= 8
+
+
+def test_a_small_input_models_polygon_is_traced_at_1024_px_and_follows_the_full_resolution_mask():
+    """EfficientViT-SAM L answers on a 512 px input: its polygons are traced on logits upsampled to
+    1024 px, so a smooth object's outline has half the step it had on the 512 px mask."""
+    height, width = 800, 1280
+    in_h, in_w = 320, 512
+    yy, xx = np.mgrid[0:in_h, 0:in_w].astype(np.float32)
+    logits = 60.0 - np.hypot((xx - 251.3) * 1.3, yy - 161.7)  # a smooth ellipse, edges between pixels
+    full = masks.mask_at_original(logits, (height, width))
+
+    def iou_of(regions) -> float:
+        drawn = np.zeros((height, width), np.uint8)
+        for region in regions:
+            pts = np.array(region["value"]["points"]) / 100.0 * np.array([width, height]) - 0.5
+            cv2.fillPoly(drawn, [np.round(pts * 16).astype(np.int32)], 1, shift=4)
+        drawn = drawn.astype(bool)
+        return (drawn & full).sum() / (drawn | full).sum()
+
+    traced = polygon_regions(TAG, "image", "Object", logits, (height, width), 0.9, 0.5, 100)
+    at_input = [dict(r, value=dict(r["value"], points=((p + 0.5) / np.array([in_w, in_h]) * 100).tolist()))
+                for r, p in zip(traced, masks.polygons(logits > 0, 0.5, 1))]
+    assert len(traced) == 1
+    assert iou_of(traced) > 0.995
+    assert iou_of(traced) > iou_of(at_input)

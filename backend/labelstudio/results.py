@@ -54,11 +54,14 @@ def polygon_regions(
     max_vertices: int = 0,
     max_parts: int = 0,
 ) -> list[dict]:
-    """One polygon region per connected part, traced on the 1024-side mask (IoU 0.997 vs full res, 3 ms),
-    largest first, at most `max_parts` of them with `max_vertices` in all (0: no bound)."""
-    mask = masks.mask_at_input(logits_input)
+    """One polygon region per connected part, traced on a mask of at least 1024 px on its long side
+    (IoU 0.997 vs full res, 3 ms), largest first, at most `max_parts` of them with `max_vertices` in
+    all (0: no bound)."""
+    mask = masks.mask_at_input(masks.logits_for_tracing(logits_input, original_size))
     in_h, in_w = mask.shape
     height, width = original_size
+    # one decoder cell in the traced mask's pixels: the grid spans the input square, whose side is
+    # the traced mask's long side
     cell_pixels = (max(in_h, in_w) / _DECODER_GRID) ** 2
     min_area = max(min_area_full_res * (in_h * in_w) / (height * width), cell_pixels)
     regions = []
