@@ -131,8 +131,10 @@ def test_bench_click_prints_a_table_and_a_json_last_line(tiny_checkpoint):
         assert row[output]["warm_ms"]["n"] == 2
         assert row[output]["response_bytes_p50"] > 0
         assert row[output]["head_warm_ms"]["n"] == 2 and row[output]["head_stage_ms_p50"] > 0  # the head ran
-    assert figures["embedding_bytes"]["n"] == 2  # the warm-up image and the cold one
+    assert figures["embedding_bytes"]["n"] == 2  # the warm-up image and the cold one (read from the cache Redis)
     assert any("warm p50" in line for line in lines)
+    # the bench runs the two Redis roles apart, as `serve` does: no warning that queued jobs could be evicted
+    assert "queued jobs and job records can be evicted" not in result.stderr
 
 
 def test_bench_click_refuses_to_run_without_weights(tmp_path):

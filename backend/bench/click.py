@@ -24,7 +24,7 @@ import redis
 import requests
 from PIL import Image
 
-from backend.web.embedded_redis import EmbeddedRedis
+from backend.web.embedded_redis import start_embedded
 from backend.labelstudio.label_config import OutputTag
 from backend.labelstudio.results import brush_region, polygon_regions
 from backend.settings import Settings
@@ -154,7 +154,8 @@ def run_click_bench(args) -> dict:
         bench_checkpoint(args, Path("."))  # exits with the reason, before starting anything
     work = Path(tempfile.mkdtemp(prefix="sam-bench-"))
     procs: list = []
-    redis_server = EmbeddedRedis(work / "redis", "4gb").start()
+    # the job store and the embedding cache apart, as `serve` runs them (a cache may evict, a queue never)
+    store, cache = start_embedded(work / "redis", "4gb")
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     image_base = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -168,7 +169,7 @@ def run_click_bench(args) -> dict:
         _ImageHandler.files["/data/upload/warmup.jpg"] = synthetic_jpeg((640, 480), seed=99)
 
         port = free_port()
-        env = dict(os.environ, SAM_CHECKPOINT=checkpoint, REDIS_URL=redis_server.url, LABEL_STUDIO_URL=image_base,
+        env = dict(os.environ, SAM_CHECKPOINT=checkpoint, REDIS_URL=store.url, CACHE_REDIS_URL=cache.url, LABEL_STUDIO_URL=image_base,
                    LABEL_STUDIO_API_KEY=_TOKEN, MODEL_DIR=str(work / "models"), WORKERS="1",
                    THREADS=str(args.threads), LOG_LEVEL="WARNING", DEVICE=args.device, WARM_WORKERS="0")
         proc = subprocess.Popen([sys.executable, "-m", "backend.commands.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -232,8 +233,8 @@ def run_click_bench(args) -> dict:
                     row[output]["head_warm_ms"] = _stats(head_warm)
                     row[output]["head_stage_ms_p50"] = round(statistics.median(head_stage), 2)
             figures["sizes"][size_name] = row
-        store = redis.Redis.from_url(redis_server.url)
-        sizes_stored = [store.strlen(k) for k in store.keys("sam-backend:emb:*")]
+        stored = redis.Redis.from_url(cache.url)
+        sizes_stored = [stored.strlen(k) for k in stored.keys("sam-backend:emb:*")]
         figures["embedding_bytes"] = {"p50": int(statistics.median(sizes_stored)), "max": max(sizes_stored),
                                       "n": len(sizes_stored)}
         return figures
@@ -241,7 +242,8 @@ def run_click_bench(args) -> dict:
         for proc in procs:
             stop_process(proc, grace=30, group=True)
         httpd.shutdown()
-        redis_server.stop()
+        store.stop()
+        cache.stop()
 
 
 HEAD_PROJECT = 2

@@ -33,7 +33,7 @@ from PIL import Image
 from backend.bench.click import (_ImageHandler, _percentile, _post, _TOKEN, _wait_health, bench_checkpoint, free_port,
                                  synthetic_jpeg)
 from backend.bench.screens import Screen
-from backend.web.embedded_redis import EmbeddedRedis
+from backend.web.embedded_redis import start_embedded
 from backend.web.server import stop_process
 
 _URL = "/data/upload/screen.jpg"
@@ -78,7 +78,8 @@ def time_zoom_clicks(args, screen: Screen) -> dict:
     if not args.random_weights and not args.checkpoint:
         bench_checkpoint(args, Path("."))  # exits with the reason, before starting anything
     work = Path(tempfile.mkdtemp(prefix="sam-fidelity-"))
-    redis_server = EmbeddedRedis(work / "redis", "4gb").start()
+    # the job store and the embedding cache apart, as `serve` runs them (a cache may evict, a queue never)
+    store, cache = start_embedded(work / "redis", "4gb")
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     proc = None
@@ -90,7 +91,7 @@ def time_zoom_clicks(args, screen: Screen) -> dict:
         _ImageHandler.files[_URL] = buf.getvalue()
         _ImageHandler.files["/data/upload/warmup.jpg"] = synthetic_jpeg((640, 480), seed=99)
         port = free_port()
-        env = dict(os.environ, SAM_CHECKPOINT=str(checkpoint), REDIS_URL=redis_server.url,
+        env = dict(os.environ, SAM_CHECKPOINT=str(checkpoint), REDIS_URL=store.url, CACHE_REDIS_URL=cache.url,
                    LABEL_STUDIO_URL=f"http://127.0.0.1:{httpd.server_address[1]}", LABEL_STUDIO_API_KEY=_TOKEN,
                    MODEL_DIR=str(work / "models"), WORKERS="1", THREADS=str(args.threads), LOG_LEVEL="WARNING",
                    DEVICE=args.device, WARM_WORKERS="0", ZOOM_MAX=str(args.max_zoom),
@@ -151,7 +152,8 @@ def time_zoom_clicks(args, screen: Screen) -> dict:
         if proc is not None:
             stop_process(proc, grace=30, group=True)
         httpd.shutdown()
-        redis_server.stop()
+        store.stop()
+        cache.stop()
 
 
 def print_timing(timing: dict) -> None:
