@@ -266,3 +266,18 @@ def test_a_draft_from_boxes_answers_bitmasks(client, served):
     draft = services.predictor.draft(task, embedding, config, Timings())
     mask, regions = answered_masks(draft, 60, 80)
     assert np.array_equal(mask, rle_to_mask(regions["brushlabels"]["value"]["rle"], 60, 80))
+
+
+def test_bench_click_times_the_bitmask_output_beside_brush():
+    """`bench click --outputs brush,bitmask`: the bench's config for each output, and its output stage."""
+    from backend.bench.click import SIZES, _config, _time_output, smooth_logits
+    from model.masks import logits_at_input
+
+    for output in ("brush", "polygon", "bitmask"):
+        assert [o.kind for o in parse_label_config(_config(output)).outputs] == [output]
+    width, height = SIZES["1MP"]
+    input_size = (round(1024 * height / width), 1024)
+    logits = logits_at_input(smooth_logits(256, input_size), input_size)
+    _, brush_bytes = _time_output("brush", logits, (width, height), repeat=1)
+    _, bitmask_bytes = _time_output("bitmask", logits, (width, height), repeat=1)
+    assert 0 < bitmask_bytes < brush_bytes  # a smooth object: 3.6 KB against 8.4 KB (README)
