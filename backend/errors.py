@@ -65,6 +65,12 @@ class UnsupportedInput(BackendError):
     status = 422
 
 
+class InvalidRegion(UnsupportedInput):
+    """A region from Label Studio that cannot be read as a mask: a bitmask that is not a PNG data
+    URL, of another size than its image, or larger than such a PNG can be. Label Studio stores what
+    it is sent, so its regions are checked like any other input."""
+
+
 class ImageUnavailable(BackendError):
     """The image could not be downloaded (upstream error, timeout, refused credentials)."""
 

@@ -12,7 +12,7 @@ from model.checkpoints import OFFICIAL
 from model.precision import PRECISIONS as ENCODE_PRECISIONS
 
 MODEL_TYPES = tuple(OFFICIAL)  # one list: the model types with an official checkpoint
-OUTPUT_TYPES = ("both", "brush", "polygon")
+OUTPUT_TYPES = ("both", "brush", "polygon", "bitmask")  # "both": every output tag the config has
 ZOOM_EDGES = ("cached", "always", "off")  # which windows may refine a large object's edges
 ZOOM_MAXIMA = (1, 2, 4, 8)  # window zooms are powers of two, so windows snap to one grid
 PRELABEL_SEARCHES = ("coarse", "grid")  # model.automatic.SEARCHES, named here so settings need no torch

@@ -119,7 +119,7 @@ def test_valid_model_types(model_type):
     assert Settings.from_env({"SAM_MODEL_TYPE": model_type}).sam_model_type == model_type
 
 
-@pytest.mark.parametrize("output_type", ["both", "brush", "polygon"])
+@pytest.mark.parametrize("output_type", ["both", "brush", "polygon", "bitmask"])
 def test_valid_output_types(output_type):
     assert Settings.from_env({"OUTPUT_TYPE": output_type}).output_type == output_type
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from backend.web.embedded_redis import start_embedded
 from backend.labelstudio.label_config import OutputTag
-from backend.labelstudio.results import brush_region, polygon_regions
+from backend.labelstudio.results import pixel_region, polygon_regions
 from backend.settings import Settings
 from backend.web.server import stop_process
 
@@ -34,8 +34,11 @@ SIZES = {"1MP": (1280, 800), "20MP": (5472, 3648)}
 _TOKEN = "benchtoken0123456789abcdef0123456789abcd"
 
 
+OUTPUT_TAGS = {"brush": "BrushLabels", "polygon": "PolygonLabels", "bitmask": "BitmaskLabels"}
+
+
 def _config(output: str) -> str:
-    tag = "BrushLabels" if output == "brush" else "PolygonLabels"
+    tag = OUTPUT_TAGS[output]
     return (
         '<View><Image name="image" value="$image"/>'
         '<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Object"/></KeyPointLabels>'
@@ -138,8 +141,8 @@ def _time_output(kind: str, logits_input: np.ndarray, size: tuple[int, int], rep
     times, nbytes = [], 0
     for _ in range(repeat):
         start = time.perf_counter()
-        if kind == "brush":
-            regions = [brush_region(tag, "image", "Object", logits_input, (height, width), 0.9)]
+        if kind in ("brush", "bitmask"):
+            regions = [pixel_region(tag, "image", "Object", logits_input, (height, width), 0.9)]
         else:
             d = Settings()  # the defaults the server runs with, bounds for the page included
             regions = polygon_regions(tag, "image", "Object", logits_input, (height, width), 0.9, d.polygon_tolerance,

@@ -223,7 +223,7 @@ def _add_bench_commands(sub) -> None:
     click = bench_sub.add_parser("click", help="cold and warm click latency through the real HTTP stack")
     _weights_options(click)
     click.add_argument("--sizes", default="1MP,20MP", help="comma list of 1MP, 20MP")
-    click.add_argument("--outputs", default="brush,polygon")
+    click.add_argument("--outputs", default="brush,polygon", help="comma list of brush, polygon, bitmask")
     click.add_argument("--cold", type=int, default=3, help="cold clicks per size (each encodes a new image)")
     click.add_argument("--warm", type=int, default=20, help="warm clicks per size and output")
     click.add_argument("--threads", type=int, default=4)

@@ -95,7 +95,8 @@ def connect(settings: Settings, project_id: int, url: str, title: str, out=sys.s
         options.update(auth_method="NONE")
     backend_id = api.register_backend(project_id, **options)
     config = parse_label_config(project.label_config)
-    outputs = " and ".join(sorted({"a brush mask" if o.kind == "brush" else "polygons" for o in config.outputs}))
+    described = {"brush": "a brush mask", "polygon": "polygons", "bitmask": "a bitmask (PNG) mask"}
+    outputs = " and ".join(sorted({described[o.kind] for o in config.outputs}))
     print(NEXT_STEPS.format(title=title, url=url, project=project_id, project_title=project.title,
                             ml_id=backend_id, outputs=outputs), file=out)
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.errors import InvalidRegion
 from backend.labelstudio.label_config import ProjectConfig, parse_label_config
 from backend.labelstudio.client import LabelStudioApi
-from backend.labelstudio.regions import newest, newest_annotation, region_mask
+from backend.labelstudio.regions import MASK_REGION_TYPES, newest, newest_annotation, region_mask
 from model import masks
 
 SOURCES = ("predictions", "annotations")
@@ -37,10 +38,12 @@ def _area(polygon: np.ndarray) -> float:
 
 
 def region_shape(region: dict) -> tuple[list[np.ndarray], float, list[float]] | None:
-    """Pixel polygons, area and bbox of one Label Studio polygon or brush region (None for others).
+    """Pixel polygons, area and bbox of one Label Studio polygon, brush or bitmask region (None for
+    others).
 
-    A brush mask's area and bbox are counted on its pixels, as COCO counts masks; its polygons are
-    the outer contours through boundary pixel centres.
+    A brush or bitmask mask's area and bbox are counted on its pixels, as COCO counts masks; its
+    polygons are the outer contours through boundary pixel centres. A bitmask that is not a PNG of
+    the image's size raises InvalidRegion (the command reports it, naming the task).
     """
     width, height = int(region.get("original_width") or 0), int(region.get("original_height") or 0)
     value = region.get("value") or {}
@@ -50,7 +53,7 @@ def region_shape(region: dict) -> tuple[list[np.ndarray], float, list[float]] | 
         poly = _polygon_pixels(value["points"], width, height)
         (x0, y0), (x1, y1) = poly.min(axis=0), poly.max(axis=0)
         return [poly], _area(poly), [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
-    parsed = region_mask(region) if region.get("type") == "brushlabels" else None
+    parsed = region_mask(region) if region.get("type") in ("brushlabels", "bitmasklabels") else None
     if parsed is not None:
         mask = parsed[1]
         polygons = masks.polygons(mask, tolerance=1.0, min_area=1)
@@ -67,7 +70,7 @@ def to_coco(tasks: list[dict], config: ProjectConfig, source: str, model_version
     images, annotations = [], []
     for task in tasks:
         picked = _pick(task, source, model_version)
-        regions = [r for r in (picked or {}).get("result") or [] if r.get("type") in ("polygonlabels", "brushlabels")]
+        regions = [r for r in (picked or {}).get("result") or [] if r.get("type") in MASK_REGION_TYPES]
         size = next(((r["original_width"], r["original_height"]) for r in regions if r.get("original_width")), None)
         image = {"id": task["id"], "file_name": str((task.get("data") or {}).get(config.image_field, ""))}
         if size:
@@ -75,8 +78,11 @@ def to_coco(tasks: list[dict], config: ProjectConfig, source: str, model_version
         images.append(image)
         for region in regions:
             value = region.get("value") or {}
-            label = (value.get("polygonlabels") or value.get("brushlabels") or [None])[0]
-            shape = region_shape(region)
+            label = (value.get(region.get("type")) or [None])[0]
+            try:
+                shape = region_shape(region)
+            except InvalidRegion as exc:
+                raise InvalidRegion(f"task {task['id']}: {exc.message}") from None
             if label not in categories or shape is None:
                 continue
             polygons, area, bbox = shape

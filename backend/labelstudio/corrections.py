@@ -4,14 +4,18 @@ encoder's input frame; and how far each submitted annotation moved from the draf
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 
+from backend.errors import InvalidRegion
 from backend.labelstudio.label_config import ProjectConfig
 from backend.labelstudio.regions import newest_annotation, region_mask
 from model.interactive import iou
 from model.prompts import preprocess_shape
 from model.sam import IMAGE_SIZE
+
+log = logging.getLogger(__name__)
 
 MIN_OBJECT_PIXELS = 16  # in the input frame: smaller regions are slips of the brush, not objects
 UNCHANGED_IOU = 0.95
@@ -32,7 +36,7 @@ def _input_size(region: dict, long_side: int = IMAGE_SIZE) -> tuple[int, int] | 
 
 
 def task_objects(task: dict, config: ProjectConfig, long_side: int = IMAGE_SIZE) -> list[ObjectMask]:
-    """Every brush / polygon object of the task's newest submitted annotation, in the input frame of an
+    """Every brush / bitmask / polygon object of the task's newest submitted annotation, in the input frame of an
     encoder whose input side is `long_side`."""
     annotation = newest_annotation(task)
     if annotation is None:
@@ -42,16 +46,26 @@ def task_objects(task: dict, config: ProjectConfig, long_side: int = IMAGE_SIZE)
         if region.get("to_name") != config.image_name:
             continue
         size = _input_size(region, long_side)
-        parsed = region_mask(region, size) if size else None
+        parsed = _readable(region, size, task.get("id")) if size else None
         if parsed is not None and np.count_nonzero(parsed[1]) >= MIN_OBJECT_PIXELS:
             found.append(ObjectMask(task["id"], parsed[0], parsed[1]))
     return found
 
 
+def _readable(region: dict, size, task_id=None):
+    """region_mask, or None for a region that cannot be read (a bitmask that is not a PNG of its
+    image's size): one bad region from Label Studio costs that region, not the training run."""
+    try:
+        return region_mask(region, size)
+    except InvalidRegion as exc:
+        log.warning("task %s: skipping a region: %s", task_id, exc.message)
+        return None
+
+
 def _union(result: list, input_size) -> np.ndarray | None:
     masks = []
     for region in result or []:
-        parsed = region_mask(region, input_size) if isinstance(region, dict) else None
+        parsed = _readable(region, input_size) if isinstance(region, dict) else None
         if parsed is not None:
             masks.append(parsed[1])
     return np.logical_or.reduce(masks) if masks else None

@@ -10,18 +10,21 @@ from label_studio_sdk.label_interface import LabelInterface
 from backend.errors import UnservableConfig
 
 PROMPT_TAGS = {"KeyPointLabels": "keypointlabels", "RectangleLabels": "rectanglelabels"}
-OUTPUT_TAGS = {"BrushLabels": "brush", "PolygonLabels": "polygon"}
+OUTPUT_TAGS = {"BrushLabels": "brush", "PolygonLabels": "polygon", "BitmaskLabels": "bitmask"}
+# each kind's region type in a Label Studio result; its labels go under value[region type]
+REGION_TYPES = {"brush": "brushlabels", "polygon": "polygonlabels", "bitmask": "bitmasklabels"}
+PIXEL_KINDS = ("brush", "bitmask")  # the mask as it is, at full resolution (polygons are traced from it)
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputTag:
     name: str  # from_name
-    kind: str  # "brush" | "polygon"
+    kind: str  # "brush" | "polygon" | "bitmask"
     labels: tuple[str, ...]
 
     @property
     def region_type(self) -> str:
-        return "brushlabels" if self.kind == "brush" else "polygonlabels"
+        return REGION_TYPES[self.kind]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,9 @@ class ProjectConfig:
     all_labels: tuple[str, ...]
 
     def outputs_for(self, label: str, output_type: str) -> list[OutputTag]:
-        """The output tags a region of `label` is written to, honouring OUTPUT_TYPE when both kinds exist."""
+        """The output tags a region of `label` is written to: with OUTPUT_TYPE "both", every output tag
+        of the config; with one kind (brush, polygon, bitmask), the tags of that kind when the config has
+        one, else every output tag (a config with only polygons still answers with polygons)."""
         kinds = {o.kind for o in self.outputs}
         wanted = kinds if output_type == "both" or output_type not in kinds else {output_type}
         chosen = [o for o in self.outputs if o.kind in wanted and label in o.labels]
@@ -89,7 +94,7 @@ def _parse_label_config(config: str) -> ProjectConfig:
     )
     if not outputs:
         raise UnservableConfig(
-            f"the label config has no <BrushLabels> or <PolygonLabels> tag with toName={image.name!r}: "
+            f"the label config has no <BrushLabels>, <PolygonLabels> or <BitmaskLabels> tag with toName={image.name!r}: "
             "add one so the backend has somewhere to put the mask"
         )
     empty = [o.name for o in outputs if not o.labels]

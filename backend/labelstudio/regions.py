@@ -1,12 +1,15 @@
-"""Label Studio regions and annotations read back: which annotation of a task counts, and a brush or
-polygon region as a mask. Training (corrections.py) and the COCO export use the same rules."""
+"""Label Studio regions and annotations read back: which annotation of a task counts, and a brush,
+bitmask or polygon region as a mask. Training (corrections.py) and the COCO export use the same rules."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
+from backend.labelstudio.bitmask import data_url_to_mask
 from backend.labelstudio.rle import rle_to_mask
+
+MASK_REGION_TYPES = ("brushlabels", "bitmasklabels", "polygonlabels")  # the region types read as masks
 
 
 def newest(items: list) -> dict | None:
@@ -23,8 +26,9 @@ def newest_annotation(task: dict) -> dict | None:
 
 
 def region_mask(region: dict, size: tuple[int, int] | None = None) -> tuple[str, np.ndarray] | None:
-    """(label, bool mask) of a brush or polygon region, at `size` (height, width) or at the image's
-    original size; None for other region types or a region without its image size."""
+    """(label, bool mask) of a brush, bitmask or polygon region, at `size` (height, width) or at the
+    image's original size; None for other region types or a region without its image size.
+    InvalidRegion for a bitmask whose PNG is not one of the image's size (see bitmask.py)."""
     value = region.get("value") or {}
     kind = region.get("type")
     oh, ow = region.get("original_height"), region.get("original_width")
@@ -33,13 +37,11 @@ def region_mask(region: dict, size: tuple[int, int] | None = None) -> tuple[str,
     oh, ow = int(oh), int(ow)
     h, w = size or (oh, ow)
     if kind == "brushlabels" and value.get("format") == "rle" and isinstance(value.get("rle"), list):
-        full = rle_to_mask(value["rle"], oh, ow)
-        if (h, w) == (oh, ow):
-            mask = full
-        else:
-            interpolation = cv2.INTER_AREA if oh > h else cv2.INTER_NEAREST
-            mask = cv2.resize(full.astype(np.uint8), (w, h), interpolation=interpolation) > 0
+        mask = _resized(rle_to_mask(value["rle"], oh, ow), h, w)
         labels = value.get("brushlabels") or []
+    elif kind == "bitmasklabels" and "imageDataURL" in value:
+        mask = _resized(data_url_to_mask(value["imageDataURL"], oh, ow), h, w)
+        labels = value.get("bitmasklabels") or []
     elif kind == "polygonlabels" and isinstance(value.get("points"), list) and len(value["points"]) >= 3:
         pts = np.asarray(value["points"], dtype=np.float64) / 100 * [w, h]
         canvas = np.zeros((h, w), np.uint8)
@@ -49,3 +51,10 @@ def region_mask(region: dict, size: tuple[int, int] | None = None) -> tuple[str,
     else:
         return None
     return (labels[0] if labels else ""), mask
+
+
+def _resized(full: np.ndarray, h: int, w: int) -> np.ndarray:
+    if full.shape == (h, w):
+        return full
+    interpolation = cv2.INTER_AREA if full.shape[0] > h else cv2.INTER_NEAREST
+    return cv2.resize(full.astype(np.uint8), (w, h), interpolation=interpolation) > 0

@@ -1,4 +1,4 @@
-"""Masks -> Label Studio regions: brush RLE at full resolution, polygons in percent."""
+"""Masks -> Label Studio regions: brush RLE or a bitmask PNG at full resolution, polygons in percent."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import uuid
 
 import numpy as np
 
+from backend.labelstudio.bitmask import mask_to_data_url
 from backend.labelstudio.label_config import OutputTag
 from backend.labelstudio.rle import mask_to_rle
 from model import masks
@@ -27,12 +28,21 @@ def _region(tag: OutputTag, to_name: str, original_size: tuple[int, int], value:
     }
 
 
-def brush_region(
+def _pixel_value(tag: OutputTag, label: str, mask: np.ndarray) -> dict:
+    """A full-resolution mask as the tag's kind carries it: brush RLE, or a bitmask PNG data URL."""
+    if tag.kind == "bitmask":
+        return {"imageDataURL": mask_to_data_url(mask), "bitmasklabels": [label]}
+    if tag.kind == "brush":
+        return {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
+    raise ValueError(f"a {tag.kind} tag takes no pixel mask")
+
+
+def pixel_region(
     tag: OutputTag, to_name: str, label: str, logits_input: np.ndarray, original_size: tuple[int, int], score: float
 ) -> dict:
+    """A brush or bitmask region (as the tag's kind says) of the mask at the image's full resolution."""
     full = masks.mask_at_original(logits_input, original_size)
-    value = {"format": "rle", "rle": mask_to_rle(full), "brushlabels": [label]}
-    return _region(tag, to_name, original_size, value, score)
+    return _region(tag, to_name, original_size, _pixel_value(tag, label, full), score)
 
 
 # The decoder answers on a 256 x 256 grid over its input square (1024 px for SAM: one cell is 4 x 4
@@ -80,11 +90,10 @@ def _meta_region(tag: OutputTag, to_name: str, original_size, value: dict, score
     return region
 
 
-def brush_region_from_mask(tag: OutputTag, to_name: str, label: str, mask: np.ndarray, score: float,
+def pixel_region_from_mask(tag: OutputTag, to_name: str, label: str, mask: np.ndarray, score: float,
                            meta: dict | None = None) -> dict:
-    """A brush region from a full-resolution mask (the zoom path's, already pixel-accurate)."""
-    value = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
-    return _meta_region(tag, to_name, mask.shape, value, score, meta)
+    """A brush or bitmask region from a full-resolution mask (the zoom path's, already pixel-accurate)."""
+    return _meta_region(tag, to_name, mask.shape, _pixel_value(tag, label, mask), score, meta)
 
 
 def polygon_regions_from_mask(tag: OutputTag, to_name: str, label: str, mask: np.ndarray, score: float,

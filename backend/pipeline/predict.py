@@ -11,9 +11,9 @@ import time
 import numpy as np
 
 from backend.errors import BackendError
-from backend.labelstudio.label_config import ProjectConfig
+from backend.labelstudio.label_config import PIXEL_KINDS, ProjectConfig
 from backend.labelstudio.prompts import task_boxes, task_image_url
-from backend.labelstudio.results import (brush_region, brush_region_from_mask, polygon_regions,
+from backend.labelstudio.results import (pixel_region, pixel_region_from_mask, polygon_regions,
                                          polygon_regions_from_mask)
 from backend.metrics import Metrics
 from backend.pipeline.embeddings import Embedder, Embedding
@@ -93,15 +93,16 @@ class Predictor:
 
     def _mask_regions(self, found: ZoomAnswer, label: str, outputs, config: ProjectConfig, timings: Timings,
                       share: int = 1) -> list:
-        """Regions from a full-resolution mask (the zoom path's): brush RLE as it is, polygons traced
-        at full resolution; each region's meta says which path made it and from how many windows."""
+        """Regions from a full-resolution mask (the zoom path's): brush RLE or bitmask PNG as it is,
+        polygons traced at full resolution; each region's meta says which path made it and from how
+        many windows."""
         score = min(max(found.score, 0.0), 1.0)
         meta = {"sam_path": found.path, "sam_windows": len(found.windows)}
         regions = []
         for tag in outputs:
             start = time.perf_counter()
-            if tag.kind == "brush":
-                regions.append(brush_region_from_mask(tag, config.image_name, label, found.mask, score, meta))
+            if tag.kind in PIXEL_KINDS:
+                regions.append(pixel_region_from_mask(tag, config.image_name, label, found.mask, score, meta))
             else:
                 regions.extend(polygon_regions_from_mask(tag, config.image_name, label, found.mask, score,
                                                          self.settings.polygon_tolerance,
@@ -227,8 +228,8 @@ class Predictor:
         regions = []
         for tag in outputs:
             start = time.perf_counter()
-            if tag.kind == "brush":
-                regions.append(brush_region(tag, config.image_name, label, logits, embedding.original_size, score))
+            if tag.kind in PIXEL_KINDS:
+                regions.append(pixel_region(tag, config.image_name, label, logits, embedding.original_size, score))
             else:
                 regions.extend(
                     polygon_regions(

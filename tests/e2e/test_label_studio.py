@@ -15,7 +15,9 @@ import redis
 import requests
 from label_studio_sdk.label_interface import LabelInterface
 
+from backend.labelstudio.bitmask import data_url_to_mask
 from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.regions import region_mask
 from backend.labelstudio.rle import rle_to_mask
 
 from tests.conftest import free_port, make_image
@@ -105,6 +107,9 @@ def check_regions(config_xml: str, regions: list[dict], label: str) -> None:
             assert region["value"]["brushlabels"] == [label]
             mask = rle_to_mask(region["value"]["rle"], HEIGHT, WIDTH)
             assert mask.shape == (HEIGHT, WIDTH)
+        elif region["type"] == "bitmasklabels":
+            assert region["value"]["bitmasklabels"] == [label]
+            assert data_url_to_mask(region["value"]["imageDataURL"], HEIGHT, WIDTH).shape == (HEIGHT, WIDTH)
         else:
             assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"] == [label]
             points = np.array(region["value"]["points"])
@@ -197,6 +202,75 @@ def test_retrieve_predictions_stores_one_draft_per_task(label_studio, backend):
     assert shown_versions() == {model_version}
     again = backend.cli("connect", "--project", str(project["id"]), "--url", backend.url)
     assert "detector-v1" not in again.stdout  # nothing hidden any more: no note
+
+
+def test_bitmask_clicks_drafts_and_annotations_round_trip_through_label_studio(label_studio, backend):
+    """BitmaskLabels in Label Studio 1.23.2: a click through its interactive API answers a PNG of the
+    image's size; the pre-label job's draft for an imported box is stored and reads back pixel-identical
+    to the click on that box; an annotation made of that region reads back pixel-identical too."""
+    config_path = ROOT / "label_config" / "surface_defects_bitmask.xml"
+    project = create_project(label_studio, config_path)
+    pid = project["id"]
+    folder = label_studio.files_root / f"p{pid}"
+    folder.mkdir()
+    (folder / "screen.png").write_bytes(make_image(WIDTH, HEIGHT, seed=700))
+    box = {"from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": WIDTH,
+           "original_height": HEIGHT, "image_rotation": 0,
+           "value": {"x": 20.0, "y": 25.0, "width": 40.0, "height": 40.0, "rotation": 0, "rectanglelabels": ["Pit"]}}
+    local_storage(label_studio, pid, folder, sync=False)
+    imported = label_studio.api("POST", f"/api/projects/{pid}/import", json=[
+        {"data": {"image": f"/data/local-files/?d=p{pid}/screen.png"},
+         "predictions": [{"model_version": "detector-v1", "result": [box]}]}])
+    assert imported.status_code == 201, imported.text
+    [task] = label_studio.api("GET", "/api/tasks", params={"project": pid}).json()["tasks"]
+    ml_id = connect(label_studio, backend, pid)
+    config_xml = config_path.read_text()
+
+    def click(region: dict) -> dict:
+        response = label_studio.api("POST", f"/api/ml/{ml_id}/interactive-annotating",
+                                    json={"task": task["id"], "context": {"result": [region]}})
+        assert response.status_code == 200, response.text
+        assert not response.json().get("errors"), response.json()
+        [answer] = response.json()["data"]["result"]
+        check_regions(config_xml, [answer], region["value"][region["type"]][0])
+        assert answer["type"] == "bitmasklabels" and answer["from_name"] == "defect"
+        assert answer["value"]["imageDataURL"].startswith("data:image/png;base64,")
+        return answer
+
+    [(_, keypoints)] = [c for c in prompt_contexts(config_xml) if c[1]["result"][0]["type"] == "keypointlabels"]
+    click(keypoints["result"][0])
+    boxed = click(dict(box, id="b1", origin="manual"))
+    expected = data_url_to_mask(boxed["value"]["imageDataURL"], HEIGHT, WIDTH)
+
+    model_version = label_studio.api("GET", "/api/ml", params={"project": pid}).json()[0]["model_version"]
+    deadline = time.monotonic() + 120
+    while True:  # a retrieve queues a pre-label job; the backend's worker posts the draft
+        action = label_studio.api("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                                  json={"selectedItems": {"all": True, "excluded": []}})
+        assert action.status_code == 200, action.text
+        ours = [p for p in label_studio.api("GET", "/api/predictions", params={"task": task["id"]}).json()
+                if p["model_version"] == model_version]
+        if ours or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert len(ours) == 1, ours
+    [drafted] = ours[0]["result"]
+    assert drafted["type"] == "bitmasklabels" and drafted["value"]["bitmasklabels"] == ["Pit"]
+    assert LabelInterface(config_xml).validate_prediction({"result": ours[0]["result"], "score": ours[0]["score"]},
+                                                          return_errors=True) in (True, [], None)
+    # stored as sent: the PNG the worker made for the imported box is the one the click on that box made
+    assert drafted["value"]["imageDataURL"] == boxed["value"]["imageDataURL"]
+    assert np.array_equal(data_url_to_mask(drafted["value"]["imageDataURL"], HEIGHT, WIDTH), expected)
+
+    # an annotator accepting the draft as is: an annotation of that region, read back pixel-identical
+    created = label_studio.api("POST", f"/api/tasks/{task['id']}/annotations",
+                               json={"result": [drafted], "parent_prediction": ours[0]["id"]})
+    assert created.status_code == 201, created.text
+    stored = label_studio.api("GET", f"/api/annotations/{created.json()['id']}").json()
+    [region] = stored["result"]
+    assert region["type"] == "bitmasklabels" and region["value"]["imageDataURL"] == drafted["value"]["imageDataURL"]
+    label, mask = region_mask(region)  # as training and the COCO export read it
+    assert label == "Pit" and np.array_equal(mask, expected)
 
 
 def predictions_by_task(label_studio, project_id: int, model_version: str) -> dict[int, list]:
