@@ -164,12 +164,12 @@ class Clicker:
     def metrics(self) -> dict:
         return {m["name"]: m["value"] for m in self.cdp.send("Performance.getMetrics")["metrics"]}
 
-    def click(self, what: str, mask_image: bool = False) -> str:
+    def click(self, what: str, mask_image: bool = False, negative: bool = False) -> str:
         self.editor.select_label(self.name, self.label)
         fx, fy = 0.3 + 0.05 * (self.i % 8), 0.3 + 0.05 * (self.i // 8 % 8)
         self.i += 1
         before = self.metrics()
-        answer = self.editor.click(fx, fy)
+        answer = self.editor.click(fx, fy, negative=negative)
         extra = ""
         if mask_image:
             self.page.wait_for_function("() => window.__probe.some(e => e.name === 'mask image load')", timeout=120_000)
@@ -207,6 +207,29 @@ def test_polygon_answers_per_region_or_per_vertex(label_studio, page_backend, pr
     clicker.click("polygon 1 region x 50 vertices, 40 % of the image")
     answers.next = polygon_answer(TEMPLATE, 20, 50, (SIDE, SIDE), area=3.0)
     clicker.click("polygon 20 regions x 50 vertices, 3 % each")
+
+
+def test_alt_click_answers(label_studio, page_backend, probed):
+    """The browser test's keypoint + Alt-click answer costs the page more than its keypoint or box
+    answer whatever its regions: the same answers after a plain click and after an Alt-click."""
+    config_path = ROOT / "label_config" / "single_object_polygon.xml"
+    project = create_project(label_studio, config_path)
+    task = upload(label_studio, project["id"], "photo.png", make_image(SIDE, SIDE, seed=6), "image/png")
+    connect(label_studio, page_backend, project["id"])
+    answers = Answers(probed)
+    editor = Editor(probed, label_studio.url, config_path.read_text())
+    editor.open(project["id"], task["id"])
+    editor.auto_annotation(True)
+    editor.smart_tool("key-point-tool")
+    clicker = Clicker(probed, editor, "kp", "Object")
+    answers.next = polygon_answer(TEMPLATE, 1, 10, (SIDE, SIDE))
+    clicker.click("warm-up")
+    for _ in range(3):
+        for parts in (1, 5, 20):
+            for negative in (False, True):
+                answers.next = polygon_answer(TEMPLATE, parts, 40, (SIDE, SIDE))
+                clicker.click(f"polygon {parts} regions x 40 vertices after {'an Alt-click' if negative else 'a click'}",
+                              negative=negative)
 
 
 def test_a_20_mp_brush_answer_bytes_or_pixels(label_studio, page_backend, probed):
