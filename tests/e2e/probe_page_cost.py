@@ -109,10 +109,10 @@ def polygon(cx: float, cy: float, r: float, vertices: int) -> list[list[float]]:
     return np.round(np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], 1), 4).tolist()
 
 
-def polygon_answer(template: dict, parts: int, vertices: int, size: tuple[int, int], area: float = 1.0) -> dict:
+def polygon_answer(template: dict, parts: int, vertices: int, size: tuple[int, int], area: float = 0.01) -> dict:
     """`parts` polygon regions of `vertices` each on a grid, each `area` % of the image."""
     cols = int(np.ceil(np.sqrt(parts)))
-    r = np.sqrt(area / np.pi) 
+    r = np.sqrt(area * 100 / np.pi)  # percent of the side: pi r^2 = area % of 100 x 100
     regions = []
     for i in range(parts):
         cx, cy = 10 + 80 * ((i % cols) + 0.5) / cols, 10 + 80 * ((i // cols) + 0.5) / cols
@@ -164,9 +164,9 @@ class Clicker:
     def metrics(self) -> dict:
         return {m["name"]: m["value"] for m in self.cdp.send("Performance.getMetrics")["metrics"]}
 
-    def click(self, what: str, mask_image: bool = False, negative: bool = False) -> str:
+    def click(self, what: str, mask_image: bool = False, negative: bool = False, at=None) -> str:
         self.editor.select_label(self.name, self.label)
-        fx, fy = 0.3 + 0.05 * (self.i % 8), 0.3 + 0.05 * (self.i // 8 % 8)
+        fx, fy = at or (0.3 + 0.05 * (self.i % 8), 0.3 + 0.05 * (self.i // 8 % 8))
         self.i += 1
         before = self.metrics()
         answer = self.editor.click(fx, fy, negative=negative)
@@ -206,7 +206,7 @@ def test_polygon_answers_per_region_or_per_vertex(label_studio, page_backend, pr
     answers.next = polygon_answer(TEMPLATE, 1, 50, (SIDE, SIDE), area=40.0)
     clicker.click("polygon 1 region x 50 vertices, 40 % of the image")
     answers.next = polygon_answer(TEMPLATE, 20, 50, (SIDE, SIDE), area=3.0)
-    clicker.click("polygon 20 regions x 50 vertices, 3 % each")
+    clicker.click("polygon 20 regions x 50 vertices, 3 % each")  # (before this fix: 0.4 % and 0.03 %)
 
 
 def test_alt_click_answers(label_studio, page_backend, probed):
@@ -230,6 +230,36 @@ def test_alt_click_answers(label_studio, page_backend, probed):
                 answers.next = polygon_answer(TEMPLATE, parts, 40, (SIDE, SIDE))
                 clicker.click(f"polygon {parts} regions x 40 vertices after {'an Alt-click' if negative else 'a click'}",
                               negative=negative)
+
+
+def polygon_at(template: dict, vertices: int, size: tuple[int, int]) -> dict:
+    """One polygon of 40 % of the image around its centre."""
+    return polygon_answer(template, 1, vertices, size, area=40.0)  # centred at (50, 50), radius 36 %
+
+
+@pytest.mark.skip(reason="unfinished: after a served 40 % polygon the page sent no request for the next "
+                         "(Alt-)click, off the polygon at (0.93, 0.93) or (0.08, 0.5), within 120 s")
+def test_clicks_on_the_previous_answer(label_studio, page_backend, probed):
+    """The browser test's Alt-click lands on the first answer's large polygon: a click on or off the
+    previous answer's region, plain or Alt, and the same answer of 50 or 900 vertices."""
+    config_path = ROOT / "label_config" / "single_object_polygon.xml"
+    project = create_project(label_studio, config_path)
+    task = upload(label_studio, project["id"], "photo.png", make_image(SIDE, SIDE, seed=7), "image/png")
+    connect(label_studio, page_backend, project["id"])
+    answers = Answers(probed)
+    editor = Editor(probed, label_studio.url, config_path.read_text())
+    editor.open(project["id"], task["id"])
+    editor.auto_annotation(True)
+    editor.smart_tool("key-point-tool")
+    clicker = Clicker(probed, editor, "kp", "Object")
+    for _ in range(2):
+        for vertices in (50, 900):
+            for on in (False, True):
+                for negative in (False, True):
+                    answers.next = polygon_at(TEMPLATE, vertices, (SIDE, SIDE))
+                    clicker.click(f"1 region x {vertices} vertices (40 %), {'Alt-' if negative else ''}click "
+                                  f"{'on' if on else 'off'} the previous one", negative=negative,
+                                  at=(0.45, 0.45) if on else (0.08, 0.5))
 
 
 def test_a_20_mp_brush_answer_bytes_or_pixels(label_studio, page_backend, probed):
