@@ -65,11 +65,14 @@ class Settings:
     output_type: str = "both"
     polygon_tolerance: float = 1.0
     polygon_min_area: int = 100
-    # what Label Studio's page can draw: it spends ~1-5 ms per polygon vertex and ~20 ms per region
-    # (issue 13: 193 KB of polygons took 11-46 s to show, 2,000 regions 35-52 s); a smooth object's
-    # outline needs well under 100 vertices, so only ragged answers ever reach these
+    # what Label Studio's page can draw (issue 13: 193 KB of polygons took 11-46 s to show, 2,000
+    # regions 35-52 s). Its time goes per region, not per vertex: measured in the page
+    # (tests/e2e/probe_page_cost.py), ~8-12 ms of main-thread CPU per region it adds or removes (an
+    # answer replaces the previous one's), no measurable cost per vertex. A click is one object:
+    # SAM's mask of one object has one part, or a few where something occludes it; more are specks.
+    # A smooth object's outline needs well under 100 vertices: only ragged answers reach that bound
     polygon_max_vertices: int = 1000  # all polygons of one answer together; 0: no bound
-    polygon_max_parts: int = 20  # the largest parts of one mask; 0: no bound
+    polygon_max_parts: int = 5  # the largest parts of one mask; a draft's objects share them; 0: no bound
     prelabel_on_predict: bool = True
     embedded_redis_maxmemory: str = "2gb"
     warm_workers: int = 1

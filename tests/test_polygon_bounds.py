@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 
 from backend.bench.click import smooth_logits
 from backend.labelstudio.label_config import OutputTag
@@ -85,7 +86,7 @@ def test_the_largest_part_of_a_click_is_kept_below_min_area():
 
 def test_default_settings_bound_a_ragged_click_at_1_and_20_mp():
     defaults = Settings()
-    assert defaults.polygon_max_vertices == 1000 and defaults.polygon_max_parts == 20
+    assert defaults.polygon_max_vertices == 1000 and defaults.polygon_max_parts == 5
     for height, width in ((800, 1280), (3648, 5472)):
         input_size = preprocess_shape(height, width)
         ragged = ragged_logits(input_size, seed=width)
@@ -94,11 +95,11 @@ def test_default_settings_bound_a_ragged_click_at_1_and_20_mp():
         after = polygon_regions(TAG, "image", "Object", ragged, (height, width), 0.9, defaults.polygon_tolerance,
                                 defaults.polygon_min_area, defaults.polygon_max_vertices, defaults.polygon_max_parts)
         assert len(before) > 50  # unbounded: the page drew every speck
-        assert len(after) <= 20 and sum(len(r["value"]["points"]) for r in after) <= 1000
+        assert len(after) <= 5 and sum(len(r["value"]["points"]) for r in after) <= 1000
         # a smooth object at the same size keeps its polygon as it was
         smooth = masks.logits_at_input(smooth_logits(256, input_size), input_size)
         plain = polygon_regions(TAG, "image", "Object", smooth, (height, width), 0.9, 1.0, 100)
-        bounded = polygon_regions(TAG, "image", "Object", smooth, (height, width), 0.9, 1.0, 100, 1000, 20)
+        bounded = polygon_regions(TAG, "image", "Object", smooth, (height, width), 0.9, 1.0, 100, 1000, 5)
         assert [r["value"]["points"] for r in bounded] == [r["value"]["points"] for r in plain]
 
 
@@ -141,3 +142,34 @@ def test_a_small_input_models_polygon_is_traced_at_1024_px_and_follows_the_full_
     assert len(traced) == 1
     assert iou_of(traced) > 0.995
     assert iou_of(traced) > iou_of(at_input)
+
+
+def test_a_click_answers_with_at_most_the_default_parts_the_largest(settings, make_client, image_server):
+    """With the default POLYGON_MAX_PARTS a speckled click becomes at most 5 polygon regions (the page
+    spends its time per region), and they are the largest parts of the unbounded answer, unchanged."""
+    from tests.test_api import LOCAL_IMAGE, keypoint_body
+    from tests.conftest import make_image
+
+    assert Settings().polygon_max_parts == 5
+    image_server.add(LOCAL_IMAGE, make_image(80, 60))
+    free, _ = make_client(settings.replace(output_type="polygon", polygon_min_area=0, polygon_max_vertices=0,
+                                           polygon_max_parts=0))
+    default, _ = make_client(settings.replace(output_type="polygon", polygon_min_area=0))
+    unbounded = free.post("/predict", json=keypoint_body()).json["results"][0]["result"]
+    answer = default.post("/predict", json=keypoint_body()).json["results"][0]["result"]
+    assert len(unbounded) > 5  # the small SAM's speckled mask
+    assert len(answer) == 5
+    assert [r["value"]["points"] for r in answer] == [r["value"]["points"] for r in unbounded[:5]]
+
+
+@pytest.mark.parametrize("share, parts", [(1, 5), (2, 2), (5, 1), (12, 1)])
+def test_a_drafts_objects_share_the_parts(settings, share, parts):
+    """A draft's objects share POLYGON_MAX_PARTS (the page draws them all at once), at least one each;
+    the vertices likewise, at least 8 each."""
+    from backend.pipeline.predict import Predictor
+
+    predictor = Predictor.__new__(Predictor)  # the bounds need the settings only
+    predictor.settings = settings
+    assert predictor._polygon_bounds(share) == {"max_vertices": max(1000 // share, 8), "max_parts": parts}
+    predictor.settings = settings.replace(polygon_max_parts=0, polygon_max_vertices=0)
+    assert predictor._polygon_bounds(share) == {"max_vertices": 0, "max_parts": 0}

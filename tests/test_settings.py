@@ -32,6 +32,8 @@ def test_defaults_from_empty_environment():
     assert s.embedding_ttl == 7 * 24 * 3600
     assert s.polygon_tolerance == 1.0
     assert s.polygon_min_area == 100
+    assert s.polygon_max_vertices == 1000
+    assert s.polygon_max_parts == 5  # a click is one object: a few parts at most (issue 13)
     assert s.prelabel_on_predict is True
     assert s == Settings()
 
@@ -69,6 +71,8 @@ def test_every_variable_is_parsed(tmp_path):
         "OUTPUT_TYPE": "Polygon",
         "POLYGON_TOLERANCE": "0.5",
         "POLYGON_MIN_AREA": "25",
+        "POLYGON_MAX_VERTICES": "400",
+        "POLYGON_MAX_PARTS": "20",
         "PRELABEL_ON_PREDICT": "no",
     }
     s = Settings.from_env(env)
@@ -97,6 +101,7 @@ def test_every_variable_is_parsed(tmp_path):
     assert s.output_type == "polygon"
     assert s.polygon_tolerance == 0.5
     assert s.polygon_min_area == 25
+    assert (s.polygon_max_vertices, s.polygon_max_parts) == (400, 20)
     assert s.prelabel_on_predict is False
 
 
@@ -140,6 +145,8 @@ def test_valid_output_types(output_type):
         ({"EMBEDDING_TTL": "-5"}, "EMBEDDING_TTL"),
         ({"POLYGON_TOLERANCE": "-0.1"}, "POLYGON_TOLERANCE"),
         ({"POLYGON_MIN_AREA": "1.5"}, "POLYGON_MIN_AREA"),
+        ({"POLYGON_MAX_PARTS": "-1"}, "POLYGON_MAX_PARTS"),
+        ({"POLYGON_MAX_VERTICES": "many"}, "POLYGON_MAX_VERTICES"),
         ({"OUTPUT_TYPE": "mask"}, "OUTPUT_TYPE"),
         ({"DEVICE": "tpu"}, "DEVICE"),
         ({"DEVICE": "mps"}, "DEVICE"),

@@ -65,6 +65,9 @@ class Answer:
     body: dict
     payload_bytes: int
     answer_to_visible_ms: float | None = None
+    # the page's main-thread CPU time from the click to visible (Chromium's ThreadTime): what the
+    # page itself did, nearly independent of what else the machine runs (the wall time is not)
+    page_cpu_ms: float | None = None
 
 
 @dataclass
@@ -125,8 +128,16 @@ class Editor:
         box = self.image().bounding_box()
         return box["x"] + box["width"] * fx, box["y"] + box["height"] * fy
 
+    def _thread_time(self) -> float:
+        if getattr(self, "_cdp", None) is None:
+            self._cdp = self.page.context.new_cdp_session(self.page)
+            self._cdp.send("Performance.enable")
+        metrics = self._cdp.send("Performance.getMetrics")["metrics"]
+        return next(m["value"] for m in metrics if m["name"] == "ThreadTime") * 1000
+
     def _await_answer(self, act, timeout: float) -> Answer:
         shown_before = self.page.evaluate("window.__shown.length")
+        cpu_before = self._thread_time()
         with self.page.expect_request(lambda r: "interactive-annotating" in r.url, timeout=timeout * 1000) as sent:
             with self.page.expect_response(lambda r: "interactive-annotating" in r.url,
                                            timeout=timeout * 1000) as answered:
@@ -147,6 +158,7 @@ class Editor:
                 "() => { const e = performance.getEntriesByType('resource')"
                 ".filter(e => e.name.includes('interactive-annotating')); return e[e.length - 1].responseEnd; }")
             answer.answer_to_visible_ms = shown["painted"] - answered_at
+            answer.page_cpu_ms = self._thread_time() - cpu_before
         return answer
 
     def click(self, fx: float, fy: float, negative: bool = False, timeout: float = 120) -> Answer:

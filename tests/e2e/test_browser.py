@@ -10,9 +10,12 @@ are ragged and have nothing to do with the picture, so "where the click was" is 
 page sent (the prompt at the clicked spot) and what it kept (exactly the mask the backend answered
 for that prompt, at the image's full size).
 
-Printed at the end of the run: for each measured answer, the bytes Label Studio sent the page and
-the time from the answer's last byte to the first frame painted with its regions (figures, not
-assertions: they depend on the machine's load)."""
+Printed at the end of the run: for each measured answer, the bytes Label Studio sent the page, its
+regions and polygon vertices, the time from the answer's last byte to the first frame painted with
+its regions, and the page's main-thread CPU time from the click to that frame (figures, not
+assertions: they depend on the machine's load). What is asserted is the answer's shape, which is
+deterministic: no mask becomes more polygon regions than POLYGON_MAX_PARTS nor more vertices than
+POLYGON_MAX_VERTICES (the page spends its time per region: tests/e2e/probe_page_cost.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import pytest
 
 from backend.bench.click import synthetic_jpeg
 from backend.labelstudio.rle import rle_to_mask
+from backend.settings import Settings
 from tests.conftest import make_image
 from tests.e2e.browser import Editor, chromium_missing, labels_controls, launch, login, wait_until
 from tests.e2e.conftest import PAGE_FIGURES, ROOT, TIMINGS, BackendServer
@@ -195,9 +199,20 @@ def polygon_prompts(ls, ml_id: int, task_id: int, config_xml: str, size: tuple[i
 
 
 def figure(what: str, answer) -> None:
+    """Records the answer's figures, and checks its shape against what the page is known to draw in
+    time (deterministic, unlike the time itself, which is printed): the page spends its time per
+    polygon region, so no mask becomes more than POLYGON_MAX_PARTS of them (issue 13)."""
+    bounds = Settings()  # the page's backend runs with the default bounds
+    regions = answer.body["data"]["result"]
+    polygons = [r for r in regions if r["type"] == "polygonlabels"]
+    vertices = sum(len(r["value"]["points"]) for r in polygons)
+    assert len(polygons) <= bounds.polygon_max_parts, len(polygons)
+    assert vertices <= bounds.polygon_max_vertices, vertices
     shown = "n/a" if answer.answer_to_visible_ms is None else f"{answer.answer_to_visible_ms / 1000:.2f} s"
-    PAGE_FIGURES.append(f"page: {what}: {answer.payload_bytes / 1e6:.2f} MB to the page, "
-                        f"{len(answer.body['data']['result'])} regions, answer to visible {shown}")
+    cpu = "n/a" if answer.page_cpu_ms is None else f"{answer.page_cpu_ms / 1000:.2f} s"
+    PAGE_FIGURES.append(f"page: {what}: {answer.payload_bytes / 1e6:.3f} MB to the page, {len(regions)} regions"
+                        f" ({len(polygons)} polygons, {vertices} vertices), answer to visible {shown},"
+                        f" page main-thread CPU click to visible {cpu}")
 
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
