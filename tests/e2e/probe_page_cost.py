@@ -184,18 +184,24 @@ class Clicker:
                          "layout {LayoutDuration:.0f}, tasks {TaskDuration:.0f})".format(**cpu))
 
 
-def test_polygon_answers_per_region_or_per_vertex(label_studio, page_backend, probed):
-    config_path = ROOT / "label_config" / "single_object_polygon.xml"
-    config_xml = config_path.read_text()
+def _served_editor(label_studio, page_backend, probed, config_name: str, image: tuple, label: str):
+    """A project of that config with one uploaded image, the backend connected, its task open in the
+    editor with Auto-Annotation and the smart keypoint on; the page's answers are served by `Answers`."""
+    config_path = ROOT / "label_config" / config_name
     project = create_project(label_studio, config_path)
-    task = upload(label_studio, project["id"], "photo.png", make_image(SIDE, SIDE, seed=5), "image/png")
+    task = upload(label_studio, project["id"], *image)
     connect(label_studio, page_backend, project["id"])
     answers = Answers(probed)
-    editor = Editor(probed, label_studio.url, config_xml)
+    editor = Editor(probed, label_studio.url, config_path.read_text())
     editor.open(project["id"], task["id"])
     editor.auto_annotation(True)
     editor.smart_tool("key-point-tool")
-    clicker = Clicker(probed, editor, "kp", "Object")
+    return answers, Clicker(probed, editor, "kp", label)
+
+
+def test_polygon_answers_per_region_or_per_vertex(label_studio, page_backend, probed):
+    answers, clicker = _served_editor(label_studio, page_backend, probed, "single_object_polygon.xml",
+                                      ("photo.png", make_image(SIDE, SIDE, seed=5), "image/png"), "Object")
     answers.next = polygon_answer(TEMPLATE, 1, 10, (SIDE, SIDE))
     clicker.click("warm-up")
     cases = [(1, 10), (1, 1000), (5, 10), (5, 200), (20, 10), (20, 50), (40, 10)]
@@ -212,16 +218,8 @@ def test_polygon_answers_per_region_or_per_vertex(label_studio, page_backend, pr
 def test_alt_click_answers(label_studio, page_backend, probed):
     """The browser test's keypoint + Alt-click answer costs the page more than its keypoint or box
     answer whatever its regions: the same answers after a plain click and after an Alt-click."""
-    config_path = ROOT / "label_config" / "single_object_polygon.xml"
-    project = create_project(label_studio, config_path)
-    task = upload(label_studio, project["id"], "photo.png", make_image(SIDE, SIDE, seed=6), "image/png")
-    connect(label_studio, page_backend, project["id"])
-    answers = Answers(probed)
-    editor = Editor(probed, label_studio.url, config_path.read_text())
-    editor.open(project["id"], task["id"])
-    editor.auto_annotation(True)
-    editor.smart_tool("key-point-tool")
-    clicker = Clicker(probed, editor, "kp", "Object")
+    answers, clicker = _served_editor(label_studio, page_backend, probed, "single_object_polygon.xml",
+                                      ("photo.png", make_image(SIDE, SIDE, seed=6), "image/png"), "Object")
     answers.next = polygon_answer(TEMPLATE, 1, 10, (SIDE, SIDE))
     clicker.click("warm-up")
     for _ in range(3):
@@ -233,17 +231,8 @@ def test_alt_click_answers(label_studio, page_backend, probed):
 
 
 def test_a_20_mp_brush_answer_bytes_or_pixels(label_studio, page_backend, probed):
-    config_path = ROOT / "label_config" / "surface_defects_brush.xml"
-    config_xml = config_path.read_text()
-    project = create_project(label_studio, config_path)
-    task = upload(label_studio, project["id"], "screen.jpg", synthetic_jpeg(BIG, seed=11), "image/jpeg")
-    connect(label_studio, page_backend, project["id"])
-    answers = Answers(probed)
-    editor = Editor(probed, label_studio.url, config_xml)
-    editor.open(project["id"], task["id"])
-    editor.auto_annotation(True)
-    editor.smart_tool("key-point-tool")
-    clicker = Clicker(probed, editor, "kp", "Scratch")
+    answers, clicker = _served_editor(label_studio, page_backend, probed, "surface_defects_brush.xml",
+                                      ("screen.jpg", synthetic_jpeg(BIG, seed=11), "image/jpeg"), "Scratch")
     width, height = BIG
     yy, xx = np.ogrid[0:height, 0:width]
     disc = ((xx - width / 2) ** 2 + (yy - height / 2) ** 2) <= (0.2 * height) ** 2
