@@ -7,9 +7,10 @@ import cv2
 import numpy as np
 
 from backend.labelstudio.bitmask import data_url_to_mask
+from backend.labelstudio.label_config import REGION_TYPES
 from backend.labelstudio.rle import rle_to_mask
 
-MASK_REGION_TYPES = ("brushlabels", "bitmasklabels", "polygonlabels")  # the region types read as masks
+MASK_REGION_TYPES = tuple(REGION_TYPES.values())  # the region types read as masks: every output kind's
 
 
 def newest(items: list) -> dict | None:
